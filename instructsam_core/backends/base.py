@@ -1,0 +1,56 @@
+"""The backend interface (see the package docstring)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..model.generation import Generation, LogitsProcessor
+from ..model.instructsam import InstructSam, SamFeatures, VisionTokens
+from ..model.sam3_head import HeadOutput
+
+
+@dataclass
+class FrameFeatures:
+    """Everything computed once per frame and reused by every instruction on it."""
+
+    vision: VisionTokens  # Qwen3-VL vision tokens
+    sam: SamFeatures  # SAM3 FPN features (batch of one)
+
+
+class Backend(ABC):
+    """Runs the model's stages on a device in a dtype.
+
+    Arguments:
+        model: the InstructSAM model (moved to `device`/`dtype` by the backend).
+        device: torch device.
+        dtype: floating dtype of the weights and activations.
+    """
+
+    def __init__(self, model: InstructSam, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+
+    @abstractmethod
+    def encode_frame(self, vlm_pixels: torch.Tensor, grid_thw: tuple[int, int, int],
+                     sam_pixels: torch.Tensor) -> FrameFeatures:
+        """Both image encoders on one preprocessed frame."""
+
+    @abstractmethod
+    def generate(self, frame: FrameFeatures, prompt_ids: list[int], max_new_tokens: int,
+                 logits_processors: Sequence[LogitsProcessor] = (), force_phrase_end: bool = False) -> Generation:
+        """The LLM answer with a query block per phrase."""
+
+    @abstractmethod
+    def segment_phrases(self, frame: FrameFeatures, generation: Generation) -> HeadOutput:
+        """The SAM3 head for every phrase of `generation`: `(P, K, ...)` outputs."""
+
+    def release(self) -> None:
+        """Free device memory (the model stays usable after moving back)."""
+        self.model.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

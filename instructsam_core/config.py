@@ -1,0 +1,201 @@
+"""Configurations for the InstructSAM model and the inference engine, with named presets.
+
+`InstructSamConfig` holds the InstructSAM-specific fields plus the two nested configs of
+the stock transformers models it is built from (`vlm` for Qwen3-VL, `sam3` for SAM3), as
+plain dicts so that a checkpoint's config.json rebuilds the whole model on its own.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Token strings InstructSAM adds to Qwen's vocabulary, and the two reference-span tokens
+# that Qwen already has (ids 151646 / 151647 in the released vocabulary).
+SEG_TOKEN = "[SEG]"
+MASK_START_TOKEN = "<|mask_start|>"
+MASK_END_TOKEN = "<|mask_end|>"
+REGION_TOKEN = "<REGION>"
+REF_START_TOKEN = "<|object_ref_start|>"
+REF_END_TOKEN = "<|object_ref_end|>"
+ADDED_TOKENS = (SEG_TOKEN, REGION_TOKEN, MASK_START_TOKEN, MASK_END_TOKEN)
+
+PHRASE_SOURCES = ("token_embeddings", "hidden_states")
+
+
+@dataclass
+class InstructSamConfig:
+    """Everything needed to build an `InstructSam` model.
+
+    Defaults reproduce the released InstructSAM-2B (Qwen3-VL-2B + SAM3, K=10).
+    """
+
+    num_queries: int = 10  # K: instance query slots per phrase (`max_seg_nums`)
+    out_dim: int = 256  # width of SAM3's prompt/query space (its DETR hidden size)
+    # Where the SAM3 prompt comes from: the phrase's input token embeddings (what the
+    # released checkpoint was trained with) or the LLM's last hidden states at the phrase.
+    phrase_source: str = "token_embeddings"
+    max_phrase_tokens: int = 32  # phrase length cap, ref start/end tokens included
+    # False: InstructSAM as released (no presence token; score = sigmoid(dot-product logit)).
+    # True: keep SAM3's presence token and multiply its probability into the score.
+    use_presence: bool = False
+    sam_image_size: int = 1008  # SAM3 input side (square)
+    vlm_min_pixels: int = 64 * 32 * 32  # Qwen3-VL image resize bounds (pixels)
+    vlm_max_pixels: int = 640 * 480
+    vlm: dict[str, Any] = field(default_factory=dict)  # Qwen3VLConfig.to_dict()
+    sam3: dict[str, Any] = field(default_factory=dict)  # Sam3Config.to_dict()
+
+    def __post_init__(self) -> None:
+        if self.num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1, got {self.num_queries}")
+        if self.phrase_source not in PHRASE_SOURCES:
+            raise ValueError(f"phrase_source must be one of {PHRASE_SOURCES}, got {self.phrase_source!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "InstructSamConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown InstructSamConfig fields: {unknown}")
+        return cls(**copy.deepcopy(data))
+
+
+@dataclass
+class EngineConfig:
+    """Inference settings of the `Segmenter` (not part of the model)."""
+
+    score_threshold: float = 0.5  # keep slots with score above this (RoboRefIt protocol: 0.5)
+    mask_nms_iou: float = 0.7  # drop a slot whose mask overlaps a better one above this IoU
+    max_instances: int | None = None  # cap on instances per answer (best first)
+    max_new_tokens: int = 64  # generation budget per instruction
+    max_instruction_chars: int = 2000  # longer instructions are rejected, not truncated
+    system_prompt: str | None = None  # optional system turn of the chat template
+
+
+# --------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------
+
+def _tiny_vlm(vocab_size: int) -> dict[str, Any]:
+    # Qwen3-VL with every width cut to 32 and one or two layers; ids as in the real vocab.
+    return {
+        "model_type": "qwen3_vl",
+        "text_config": {
+            "model_type": "qwen3_vl_text",
+            "vocab_size": vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "max_position_embeddings": 4096,
+            # mrope sections must sum to head_dim / 2
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0,
+                                "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+            "tie_word_embeddings": True,
+        },
+        "vision_config": {
+            "model_type": "qwen3_vl_vision",
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 4,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": 32,
+            "num_position_embeddings": 64,  # an 8x8 learned grid, interpolated
+            "deepstack_visual_indexes": [0],
+        },
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "tie_word_embeddings": True,
+    }
+
+
+def _tiny_sam3(num_queries: int) -> dict[str, Any]:
+    # SAM3 at 112 px (patch 14 -> an 8x8 grid), width 32, one layer per stage.
+    width = 32
+    return {
+        "model_type": "sam3",
+        "vision_config": {
+            "model_type": "sam3_vision_model",
+            "backbone_config": {
+                "model_type": "sam3_vit_model",
+                "hidden_size": width,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "image_size": 112,
+                "patch_size": 14,
+                "window_size": 4,
+                "global_attn_indexes": [1],
+                "pretrain_image_size": 56,
+            },
+            "fpn_hidden_size": width,
+            "backbone_feature_sizes": [[32, 32], [16, 16], [8, 8]],
+            "scale_factors": [4.0, 2.0, 1.0, 0.5],
+        },
+        # The CLIP text encoder is dropped after construction; only text_projection
+        # (text hidden -> width) survives, as in the released checkpoint.
+        "text_config": {"model_type": "clip_text_model", "vocab_size": 16, "hidden_size": 16,
+                        "intermediate_size": 16, "projection_dim": 16, "num_hidden_layers": 1,
+                        "num_attention_heads": 2, "max_position_embeddings": 32,
+                        "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        "geometry_encoder_config": {"hidden_size": width, "num_layers": 1, "num_attention_heads": 2,
+                                    "intermediate_size": 64, "roi_size": 3},
+        "detr_encoder_config": {"hidden_size": width, "num_layers": 1, "num_attention_heads": 2,
+                                "intermediate_size": 64},
+        "detr_decoder_config": {"hidden_size": width, "num_layers": 2, "num_queries": num_queries,
+                                "num_attention_heads": 2, "intermediate_size": 64},
+        "mask_decoder_config": {"hidden_size": width, "num_upsampling_stages": 3, "num_attention_heads": 2},
+    }
+
+
+def _released_2b_vlm() -> dict[str, Any]:
+    # Qwen3-VL-2B-Instruct as published (see REFERENCE.md).
+    return {
+        "model_type": "qwen3_vl",
+        "text_config": {
+            "model_type": "qwen3_vl_text", "vocab_size": 151936, "hidden_size": 2048,
+            "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
+            "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 262144,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0,
+                                "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+            "tie_word_embeddings": True,
+        },
+        "vision_config": {
+            "model_type": "qwen3_vl_vision", "depth": 24, "hidden_size": 1024, "intermediate_size": 4096,
+            "num_heads": 16, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "out_hidden_size": 2048, "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17],
+        },
+        "image_token_id": 151655, "video_token_id": 151656,
+        "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+        "tie_word_embeddings": True,
+    }
+
+
+TINY_VOCAB_SIZE = 151680  # Qwen's 151,643 BPE ranks + its specials + InstructSAM's 4 tokens
+
+
+def preset(name: str) -> InstructSamConfig:
+    """A named model configuration: `tiny` (tests, CPU demo) or `2b` (InstructSAM-2B)."""
+    if name == "tiny":
+        k = 4
+        return InstructSamConfig(num_queries=k, out_dim=32, sam_image_size=112,
+                                 vlm_min_pixels=4 * 32 * 32, vlm_max_pixels=128 * 96,
+                                 vlm=_tiny_vlm(TINY_VOCAB_SIZE), sam3=_tiny_sam3(k))
+    if name == "2b":
+        # sam3 left empty: SAM3's architecture is fixed, Sam3Config() defaults are it.
+        return InstructSamConfig(vlm=_released_2b_vlm(), sam3={})
+    raise ValueError(f"unknown preset {name!r}; known presets: {PRESETS}")
+
+
+PRESETS = ("tiny", "2b")

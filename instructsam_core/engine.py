@@ -1,0 +1,258 @@
+"""The inference engine: `Segmenter`, shaped like SAM2's image predictor.
+
+    seg = Segmenter.from_pretrained("/path/to/InstructSAM-2B", device="cuda")
+    seg.set_image(rgb)                      # encode the frame once
+    result = seg.segment("the two largest mugs")
+    result = seg.segment("everything on the tray except the knife")   # same frame, reused
+
+Public methods speak numpy in original-image pixels; the backend speaks tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from .backends import Backend, FrameFeatures, available_backends, create_backend
+from .checkpoint import build_model, load_checkpoint
+from .config import PRESETS, EngineConfig, preset
+from .model.generation import LogitsProcessor
+from .postprocess import slots_to_result
+from .processing import build_prompt_ids, preprocess_sam, preprocess_vlm, validate_rgb
+from .result import Result
+
+log = logging.getLogger(__name__)
+
+UNTRAINED_WARNING = ("the '{name}' model is a tiny UNTRAINED network with random weights: its masks and "
+                     "scores are meaningless. Pass a trained checkpoint directory for real results.")
+PHRASE_MODES = ("generate", "instruction")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device, with a clear error when CUDA is asked for but absent."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine; use device='cpu'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """float32 on CPU and bfloat16 on CUDA unless asked otherwise."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+class Segmenter:
+    """Segments every instance an instruction names, on frames encoded once.
+
+    Build it with `Segmenter.from_pretrained`. Not thread-safe: use one per thread.
+    """
+
+    def __init__(self, backend: Backend, tokenizer, config: EngineConfig | None = None, checkpoint: str = "",
+                 is_untrained: bool = False, phrase_mode: str = "generate"):
+        if phrase_mode not in PHRASE_MODES:
+            raise ValueError(f"phrase_mode must be one of {PHRASE_MODES}, got {phrase_mode!r}")
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.checkpoint = checkpoint
+        self.is_untrained = is_untrained
+        self.phrase_mode = phrase_mode
+        self._frame: FrameFeatures | None = None
+        self._frame_key: Hashable | None = None
+        self._image_size: tuple[int, int] | None = None
+        self._encode_seconds = 0.0
+
+    # ---- construction -----------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str = "tiny", device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype | None = None, backend: str = "eager",
+                        phrase_mode: str | None = None, **engine_options) -> "Segmenter":
+        """Load a checkpoint directory, or build a named preset with untrained weights.
+
+        Arguments:
+            path: an InstructSAM checkpoint directory (config.json + safetensors + tokenizer),
+                or `"tiny"`, the embedded tiny UNTRAINED model (seeded, for demos and tests).
+            device: "cpu", "cuda" or "cuda:N".
+            dtype: "float32", "bfloat16", "float16" or None (fp32 on CPU, bf16 on CUDA).
+            backend: one of `Segmenter.available_backends()`.
+            phrase_mode: "generate" (the model writes the target phrases) or "instruction"
+                (the instruction itself is the one phrase, no generation). Default:
+                "generate" for checkpoints, "instruction" for the untrained preset, whose
+                random answers would never name a target.
+            engine_options: fields of `EngineConfig` (score_threshold, max_new_tokens, ...).
+        """
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        if backend not in available_backends():
+            raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
+        engine_config = replace(EngineConfig(), **engine_options)
+        if path in PRESETS:
+            if path != "tiny":
+                raise ValueError(f"preset {path!r} has no embedded weights; pass its checkpoint directory")
+            model, tokenizer = build_model(preset(path), seed=0)
+            log.warning(UNTRAINED_WARNING.format(name=path))
+            untrained, default_mode = True, "instruction"
+        else:
+            model, tokenizer = load_checkpoint(path, device="cpu")
+            untrained, default_mode = False, "generate"
+        engine = create_backend(backend, model, dev, torch_dtype)
+        return cls(engine, tokenizer, engine_config, checkpoint=str(path), is_untrained=untrained,
+                   phrase_mode=phrase_mode or default_mode)
+
+    @staticmethod
+    def available_backends() -> list[str]:
+        return available_backends()
+
+    @property
+    def model(self):
+        return self.backend.model
+
+    @property
+    def device(self) -> str:
+        return str(self.backend.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backend.dtype
+
+    # ---- frames -----------------------------------------------------------------
+
+    def set_image(self, image: np.ndarray, key: Hashable | None = None) -> None:
+        """Encode a frame once for any number of `segment` calls.
+
+        Arguments:
+            image: `(H, W, 3)` uint8 RGB.
+            key: the caller's identity for the frame (e.g. its stamp). When it equals the
+                key of the frame already encoded, nothing is recomputed. Never `id(image)`.
+        """
+        image = validate_rgb(image)
+        if key is not None and key == self._frame_key and self._frame is not None:
+            self._encode_seconds = 0.0
+            return
+        cfg = self.model.config
+        start = time.perf_counter()
+        vlm = preprocess_vlm(image, min_pixels=cfg.vlm_min_pixels, max_pixels=cfg.vlm_max_pixels)
+        sam = preprocess_sam(image, cfg.sam_image_size)
+        self._frame = self.backend.encode_frame(vlm.pixel_values, vlm.grid_thw, sam)
+        self._synchronize()
+        self._encode_seconds = time.perf_counter() - start
+        self._frame_key = key
+        self._image_size = image.shape[:2]
+
+    def reset(self) -> None:
+        """Forget the encoded frame."""
+        self._frame = self._frame_key = self._image_size = None
+
+    # ---- instructions -----------------------------------------------------------
+
+    def validate_instruction(self, instruction: str) -> str:
+        """The stripped instruction, or ValueError saying what is wrong with it."""
+        if not isinstance(instruction, str):
+            raise ValueError(f"instruction must be a str, got {type(instruction).__name__}")
+        text = instruction.strip()
+        if not text:
+            raise ValueError("instruction is empty: say what to segment, e.g. 'the red mug'")
+        limit = self.config.max_instruction_chars
+        if len(text) > limit:
+            raise ValueError(f"instruction has {len(text)} characters, more than the limit of {limit}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"instruction is not valid UTF-8 text: {err.reason} at position {err.start}") from err
+        if "\x00" in text:
+            raise ValueError("instruction contains a NUL character")
+        return text
+
+    def segment(self, instruction: str, score_threshold: float | None = None, max_instances: int | None = None,
+                phrase: str | None = None, logits_processors: Sequence[LogitsProcessor] = ()) -> Result:
+        """Segment every instance `instruction` names on the frame given to `set_image`.
+
+        Arguments:
+            instruction: free-form text ("the two largest mugs").
+            score_threshold: keep slots scoring above this (default: the engine config's).
+            max_instances: at most this many instances, best first.
+            phrase: force the target phrase instead of generating it (one phrase).
+            logits_processors: applied to each generation step's scores (tests, constraints).
+
+        Returns a `Result`; zero instances means "no target".
+        """
+        if self._frame is None:
+            raise RuntimeError("no image is set: call set_image(rgb) before segment(), or use segment_image()")
+        text = self.validate_instruction(instruction)
+        if phrase is None and self.phrase_mode == "instruction":
+            phrase = text
+        if phrase is not None:
+            phrase = self.validate_instruction(phrase)
+        threshold = self.config.score_threshold if score_threshold is None else float(score_threshold)
+        if not 0.0 <= threshold <= 1.0 or np.isnan(threshold):
+            raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+        max_instances = self.config.max_instances if max_instances is None else max_instances
+        t0 = time.perf_counter()
+        model = self.model
+        prompt = build_prompt_ids(self.tokenizer, text, self._frame.vision.embeds.shape[0], model.token_ids,
+                                  self.config.system_prompt, phrase)
+        generation = self.backend.generate(self._frame, prompt, self.config.max_new_tokens, logits_processors,
+                                           force_phrase_end=phrase is not None)
+        self._synchronize()
+        t1 = time.perf_counter()
+        generated_text = self.tokenizer.decode(generation.token_ids, skip_special_tokens=False)
+        timings = {"image_encode": self._encode_seconds, "generate": t1 - t0}
+        self._encode_seconds = 0.0  # the encode is charged to the first instruction only
+        if not generation.phrases:
+            timings.update(mask_head=0.0, postprocess=0.0, total=timings["image_encode"] + timings["generate"])
+            return Result.empty(self._image_size, timings=timings, generated_text=generated_text)
+        head = self.backend.segment_phrases(self._frame, generation)
+        self._synchronize()
+        t2 = time.perf_counter()
+        phrases = [self.tokenizer.decode(p.token_ids[1:-1]).strip() for p in generation.phrases]
+        result = slots_to_result(head.mask_logits, head.scores(), phrases, self._image_size, threshold,
+                                 self.config.mask_nms_iou, max_instances)
+        t3 = time.perf_counter()
+        timings.update(mask_head=t2 - t1, postprocess=t3 - t2)
+        timings["total"] = sum(timings.values())
+        result.timings = timings
+        result.generated_text = generated_text
+        return result
+
+    def segment_image(self, image: np.ndarray, instruction: str, key: Hashable | None = None, **kwargs) -> Result:
+        """One-shot form: `set_image(image, key)` then `segment(instruction, **kwargs)`."""
+        self.set_image(image, key)
+        return self.segment(instruction, **kwargs)
+
+    def segment_batch(self, images: Sequence[np.ndarray], instructions: Sequence[str],
+                      keys: Sequence[Hashable] | None = None, **kwargs) -> list[Result]:
+        """Many (image, instruction) pairs, for benchmarks.
+
+        Pairs run one after another (generation injects query blocks at different steps
+        per sample, so rows are not stacked); consecutive pairs with the same key reuse the
+        frame encoding. A bad pair raises, naming its index.
+        """
+        if len(images) != len(instructions):
+            raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
+        if keys is not None and len(keys) != len(images):
+            raise ValueError(f"{len(keys)} keys for {len(images)} images")
+        results = []
+        for i, (image, instruction) in enumerate(zip(images, instructions)):
+            try:
+                results.append(self.segment_image(image, instruction, key=None if keys is None else keys[i], **kwargs))
+            except ValueError as err:
+                raise ValueError(f"pair {i}: {err}") from err
+        return results
+
+    def _synchronize(self) -> None:
+        if self.backend.device.type == "cuda":
+            torch.cuda.synchronize(self.backend.device)

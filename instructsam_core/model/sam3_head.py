@@ -1,0 +1,199 @@
+"""SAM3's detector driven by external instance queries and external prompt features.
+
+The stock `Sam3Model.forward` always decodes its own learned queries and takes prompt
+features from its CLIP text encoder. InstructSAM replaces both: the K query slots come
+from the LLM, the prompt from the target phrase. This module runs SAM3's own submodules
+(fusion encoder, decoder layers, box head, dot-product scoring, mask decoder) in the same
+order as `Sam3Model.forward`, with those two inputs swapped in. Nothing is forked: every
+weight lives in the stock modules, so checkpoints keep transformers' key names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Sam3Config, Sam3Model
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy, inverse_sigmoid
+
+PRESENCE_MODULES = ("presence_token", "presence_head", "presence_layer_norm")
+
+
+@dataclass
+class HeadOutput:
+    """Per-slot predictions of the SAM3 head.
+
+    Attributes:
+        mask_logits: `(B, K, h, w)` mask logits at SAM3's mask resolution (288 at 1008 px).
+        logits: `(B, K)` slot logits from dot-product scoring (query . pooled prompt).
+        boxes: `(B, K, 4)` normalised xyxy boxes in [0, 1] from the decoder's box head.
+        presence_logits: `(B, 1)` presence logits, or None without the presence token.
+    """
+
+    mask_logits: torch.Tensor
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    presence_logits: torch.Tensor | None = None
+
+    def scores(self) -> torch.Tensor:
+        """`(B, K)` slot probabilities; with a presence token, times its probability."""
+        scores = self.logits.sigmoid()
+        if self.presence_logits is not None:
+            scores = scores * self.presence_logits.sigmoid()
+        return scores
+
+
+def build_sam3(sam3_config: dict, num_queries: int, use_presence: bool) -> Sam3Model:
+    """A stock `Sam3Model` shaped as InstructSAM uses it.
+
+    The DETR decoder gets `num_queries` slots; the CLIP text encoder is removed (its
+    `text_projection` stays, as in the released checkpoint); without `use_presence` the
+    presence token's modules are removed too, so the parameter set matches the release.
+    """
+    config = Sam3Config(**sam3_config) if sam3_config else Sam3Config()
+    config.detr_decoder_config.num_queries = num_queries
+    # Build CLIP as small as possible before throwing it away; its hidden size must stay,
+    # since text_projection (kept) is sized by it.
+    text = config.text_config
+    text.num_hidden_layers, text.intermediate_size, text.vocab_size = 1, 8, 8
+    text.bos_token_id = text.eos_token_id = text.pad_token_id = 0
+    model = Sam3Model(config)
+    del model.text_encoder
+    if not use_presence:
+        for name in PRESENCE_MODULES:
+            delattr(model.detr_decoder, name)
+    return model
+
+
+def _decoder_layer(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    query_pos: torch.Tensor,
+    text_features: torch.Tensor,
+    vision_features: torch.Tensor,
+    vision_pos: torch.Tensor,
+    text_attn_mask: torch.Tensor | None,
+    vision_attn_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """One `Sam3DetrDecoderLayer` step without its built-in presence-row padding of `query_pos`.
+
+    The stock layer always prepends a zero row to `query_pos` for the presence token; the
+    caller pads it here when a presence token is present, so both cases share one path.
+    """
+    residual = hidden
+    q = hidden + query_pos
+    out, _ = layer.self_attn(query=q, key=q, value=hidden, attention_mask=None)
+    hidden = layer.self_attn_layer_norm(residual + layer.self_attn_dropout(out))
+
+    residual = hidden
+    out, _ = layer.text_cross_attn(query=hidden + query_pos, key=text_features, value=text_features,
+                                   attention_mask=text_attn_mask)
+    hidden = layer.text_cross_attn_layer_norm(residual + layer.text_cross_attn_dropout(out))
+
+    residual = hidden
+    out, _ = layer.vision_cross_attn(query=hidden + query_pos, key=vision_features + vision_pos,
+                                     value=vision_features, attention_mask=vision_attn_mask)
+    hidden = layer.vision_cross_attn_layer_norm(residual + layer.vision_cross_attn_dropout(out))
+
+    residual = hidden
+    hidden = layer.mlp_layer_norm(residual + layer.mlp_dropout(layer.mlp(hidden)))
+    return hidden
+
+
+def decode_queries(
+    decoder: nn.Module,
+    queries: torch.Tensor,
+    vision_features: torch.Tensor,
+    vision_pos: torch.Tensor,
+    text_features: torch.Tensor,
+    text_mask: torch.Tensor | None,
+    spatial_shapes: torch.Tensor,
+    use_presence: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Run SAM3's DETR decoder on external queries.
+
+    Arguments:
+        decoder: the stock `Sam3DetrDecoder` (its layers, heads and learned reference boxes).
+        queries: `(B, K, D)` query contents (replacing `decoder.query_embed`).
+        vision_features, vision_pos: `(B, HW, D)` fused image tokens and their positions.
+        text_features: `(B, L, D)` prompt tokens after the fusion encoder.
+        text_mask: `(B, L)` bool, True = valid prompt token.
+        spatial_shapes: `(1, 2)` feature map size, for the box relative position bias.
+        use_presence: prepend the learned presence token, as stock SAM3 does.
+
+    Returns:
+        hidden: `(B, K, D)` normalised last-layer query states.
+        ref_boxes: `(B, K, 4)` cxcywh reference boxes the last layer started from.
+        presence_logits: `(B, 1)` last-layer presence logits, or None.
+    """
+    B, K, _ = queries.shape
+    ref_boxes = decoder.reference_points.weight[:K].unsqueeze(0).expand(B, -1, -1).sigmoid()
+    hidden = queries
+    if use_presence:
+        hidden = torch.cat([decoder.presence_token.weight.unsqueeze(0).expand(B, -1, -1), hidden], dim=1)
+    text_attn_mask = None
+    if text_mask is not None:
+        text_attn_mask = create_bidirectional_mask(decoder.config, hidden, text_mask,
+                                                   encoder_hidden_states=text_features)
+    pad = 1 if use_presence else 0
+    presence_logits = None
+    for layer in decoder.layers:
+        query_pos = decoder.ref_point_head(decoder.position_encoding.encode_boxes(ref_boxes))  # (B, K, D)
+        rpb = decoder._get_rpb_matrix(ref_boxes, (spatial_shapes[0, 0], spatial_shapes[0, 1]))  # (B, h, K, HW)
+        if pad:
+            query_pos = F.pad(query_pos, (0, 0, pad, 0))
+            rpb = F.pad(rpb, (0, 0, pad, 0))
+        hidden = _decoder_layer(layer, hidden, query_pos, text_features, vision_features, vision_pos,
+                                text_attn_mask, rpb)
+        slot_hidden = decoder.output_layer_norm(hidden[:, pad:])
+        last_ref_boxes = ref_boxes
+        # Iterative box refinement; like stock SAM3, no gradient flows through the chain.
+        ref_boxes = (decoder.box_head(slot_hidden) + inverse_sigmoid(ref_boxes)).sigmoid().detach()
+        if use_presence:
+            presence_logits = decoder.presence_head(decoder.presence_layer_norm(hidden[:, :1])).squeeze(-1)
+            presence_logits = presence_logits.clamp(-decoder.clamp_presence_logit_max_val,
+                                                    decoder.clamp_presence_logit_max_val)
+    return slot_hidden, last_ref_boxes, presence_logits
+
+
+def run_head(
+    sam3: Sam3Model,
+    fpn_hidden_states: tuple[torch.Tensor, ...],
+    fpn_position_encoding: tuple[torch.Tensor, ...],
+    prompt: torch.Tensor,
+    prompt_mask: torch.Tensor | None,
+    queries: torch.Tensor | None,
+    use_presence: bool,
+) -> HeadOutput:
+    """SAM3 from image features to per-slot masks, with external prompt and queries.
+
+    Arguments:
+        sam3: the stock model from `build_sam3`.
+        fpn_hidden_states, fpn_position_encoding: the vision encoder's FPN levels (all of
+            them, as `Sam3VisionEncoderOutput` holds them; the coarsest is dropped here as
+            SAM3 does), each `(B, D, h_i, w_i)`.
+        prompt: `(B, L, D)` prompt features (replacing CLIP's projected text features).
+        prompt_mask: `(B, L)` bool, True = valid token.
+        queries: `(B, K, D)` external query contents, or None for SAM3's own learned queries.
+        use_presence: decode with SAM3's presence token.
+    """
+    fpn = fpn_hidden_states[:-1]
+    fpn_pos = fpn_position_encoding[:-1]
+    encoded = sam3.detr_encoder(vision_features=[fpn[-1]], text_features=prompt,
+                                vision_pos_embeds=[fpn_pos[-1]], text_mask=prompt_mask)
+    decoder = sam3.detr_decoder
+    if queries is None:
+        queries = decoder.query_embed.weight.unsqueeze(0).expand(prompt.shape[0], -1, -1)
+    hidden, ref_boxes, presence_logits = decode_queries(
+        decoder, queries, encoded.last_hidden_state, encoded.pos_embeds_flattened, encoded.text_features,
+        prompt_mask, encoded.spatial_shapes, use_presence)
+    boxes = box_cxcywh_to_xyxy((inverse_sigmoid(ref_boxes) + decoder.box_head(hidden)).sigmoid())
+    logits = sam3.dot_product_scoring(decoder_hidden_states=hidden[None], text_features=encoded.text_features,
+                                      text_mask=prompt_mask)[0, ..., 0]  # (B, K)
+    masks = sam3.mask_decoder(decoder_queries=hidden, backbone_features=list(fpn),
+                              encoder_hidden_states=encoded.last_hidden_state,
+                              prompt_features=prompt, prompt_mask=prompt_mask)
+    return HeadOutput(mask_logits=masks.pred_masks, logits=logits, boxes=boxes, presence_logits=presence_logits)

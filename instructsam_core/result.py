@@ -1,0 +1,87 @@
+"""The engine's answer for one (frame, instruction) pair.
+
+Kept free of torch so that consumers (the ROS node, the benchmarks) can hold results
+without touching the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Result:
+    """Instances found for one instruction on one image.
+
+    Zero instances is a valid answer ("no target"): every array then has length 0.
+
+    Attributes:
+        masks: `(N, H, W)` bool, one full-image mask per instance, in the pixels of the
+            image given to `set_image`.
+        scores: `(N,)` float32 in [0, 1], sorted descending.
+        boxes: `(N, 4)` int64 pixel boxes `x1, y1, x2, y2` with inclusive max pixel
+            (`x2` is the last foreground column), the tight box of each mask.
+        phrases: `N` target phrases, the phrase each instance was segmented for.
+        phrase_indices: `(N,)` int64 index of that phrase in the generated answer
+            (one instruction may yield several phrases, each with its own K slots).
+        slots: `(N,)` int64 index of the query slot (0..K-1) that produced the instance.
+        image_size: `(H, W)` of the image.
+        timings: seconds per stage (`image_encode`, `generate`, `mask_head`,
+            `postprocess`, `total`); `image_encode` is 0 when the frame was cached.
+        generated_text: the model's full answer text (phrases with their tokens).
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    boxes: np.ndarray
+    phrases: list[str]
+    phrase_indices: np.ndarray
+    slots: np.ndarray
+    image_size: tuple[int, int]
+    timings: dict[str, float] = field(default_factory=dict)
+    generated_text: str = ""
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @classmethod
+    def empty(cls, image_size: tuple[int, int], **kwargs) -> "Result":
+        """A result with no instances for an image of `image_size` (H, W)."""
+        h, w = image_size
+        return cls(
+            masks=np.zeros((0, h, w), dtype=bool),
+            scores=np.zeros((0,), dtype=np.float32),
+            boxes=np.zeros((0, 4), dtype=np.int64),
+            phrases=[],
+            phrase_indices=np.zeros((0,), dtype=np.int64),
+            slots=np.zeros((0,), dtype=np.int64),
+            image_size=(h, w),
+            **kwargs,
+        )
+
+    def union_mask(self) -> np.ndarray:
+        """`(H, W)` bool union of all instance masks (all False when there are none)."""
+        if len(self) == 0:
+            return np.zeros(self.image_size, dtype=bool)
+        return self.masks.any(axis=0)
+
+    def to_json(self) -> dict:
+        """Instances as plain JSON-able data (no masks), for CLIs and logs."""
+        return {
+            "image_size": list(self.image_size),
+            "generated_text": self.generated_text,
+            "timings_ms": {k: round(v * 1e3, 3) for k, v in self.timings.items()},
+            "instances": [
+                {
+                    "score": round(float(self.scores[i]), 6),
+                    "box_xyxy": [int(v) for v in self.boxes[i]],
+                    "area": int(self.masks[i].sum()),
+                    "phrase": self.phrases[i],
+                    "phrase_index": int(self.phrase_indices[i]),
+                    "slot": int(self.slots[i]),
+                }
+                for i in range(len(self))
+            ],
+        }

@@ -1,0 +1,64 @@
+"""Shared pytest fixtures: tiny InstructSAM models built once per session, an RNG guard,
+and a central skip for tests that need CUDA."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA, which this machine lacks")
+    for item in items:
+        if "needs_cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def cpu_and_cuda():
+    """Parametrize over devices; CPU always runs."""
+    return ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))
+
+
+@pytest.fixture(autouse=True)
+def prevent_leaking_rng():
+    # A test that reseeds must not change what the next test draws.
+    torch_state = torch.get_rng_state()
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    yield
+    torch.set_rng_state(torch_state)
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+
+
+@pytest.fixture(scope="session")
+def tiny_tester():
+    from instructsam_core.testing import InstructSamModelTester
+
+    return InstructSamModelTester()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tester):
+    """(model, tokenizer) of the tiny config; read-only for tests."""
+    return tiny_tester.get_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from instructsam_core.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-instructsam")
+
+
+@pytest.fixture(scope="session")
+def tiny_segmenter(tiny_checkpoint):
+    """A Segmenter over the tiny checkpoint, the instruction forced as the phrase."""
+    from instructsam_core.engine import Segmenter
+
+    return Segmenter.from_pretrained(str(tiny_checkpoint), phrase_mode="instruction")

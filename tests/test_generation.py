@@ -1,0 +1,75 @@
+"""Cached generation with query blocks opened at every phrase end."""
+
+import torch
+
+from instructsam_core.model.generation import generate
+from instructsam_core.processing import encode_text
+
+
+class ScriptedAnswer:
+    """A logits processor that makes the model emit exactly `tokens`, then repeat the last."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens = tokens
+        self.step = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        token = self.tokens[min(self.step, len(self.tokens) - 1)]
+        self.step += 1
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, token] = 0.0
+        return forced
+
+
+def _two_phrase_script(model, tok):
+    ids = model.token_ids
+    return ([ids.ref_start] + encode_text(tok, "red mug") + [ids.ref_end]
+            + encode_text(tok, " and") + [ids.ref_start] + encode_text(tok, "blue cup") + [ids.ref_end, ids.im_end])
+
+
+def test_two_phrases_each_get_a_query_block(tiny_model, tiny_tester):
+    model, tok = tiny_model
+    inputs = tiny_tester.prepare_inputs(model, tok)
+    out = generate(model, torch.tensor([inputs.prompt_ids]), inputs.vision, 40,
+                   [ScriptedAnswer(_two_phrase_script(model, tok))])
+    ids = model.token_ids
+    assert len(out.phrases) == 2
+    assert tok.decode(out.phrases[0].token_ids[1:-1]) == "red mug"
+    assert tok.decode(out.phrases[1].token_ids[1:-1]) == "blue cup"
+    assert out.token_ids.count(ids.seg) == 2 * model.config.num_queries
+    assert out.token_ids.count(ids.mask_start) == 2 and out.token_ids[-1] == ids.im_end
+    assert out.phrases[0].query_states.shape == (4, model.config.vlm["text_config"]["hidden_size"])
+
+
+def test_cached_query_states_equal_one_uncached_forward(tiny_model, tiny_tester):
+    model, tok = tiny_model
+    inputs = tiny_tester.prepare_inputs(model, tok)
+    out = generate(model, torch.tensor([inputs.prompt_ids]), inputs.vision, 40,
+                   [ScriptedAnswer(_two_phrase_script(model, tok))])
+    full = torch.tensor([inputs.prompt_ids + out.token_ids])
+    with torch.no_grad():
+        forward = model(full, None, [inputs.vision])
+    hidden = forward.extras["hidden_states"][0]
+    for p, phrase in enumerate(out.phrases):
+        torch.testing.assert_close(phrase.query_states, hidden[forward.blocks.seg_positions[p]], atol=1e-5, rtol=1e-4)
+        span = forward.blocks.phrase_positions[p][forward.blocks.phrase_mask[p]]
+        torch.testing.assert_close(phrase.phrase_states, hidden[span], atol=1e-5, rtol=1e-4)
+
+
+def test_forced_phrase_skips_generation(tiny_model, tiny_tester):
+    model, tok = tiny_model
+    inputs = tiny_tester.prepare_inputs(model, tok)
+    ids = model.token_ids
+    prompt = inputs.prompt_ids + [ids.ref_start] + encode_text(tok, "the mug")
+    out = generate(model, torch.tensor([prompt]), inputs.vision, 40, force_phrase_end=True)
+    assert len(out.phrases) == 1
+    assert tok.decode(out.phrases[0].token_ids[1:-1]) == "the mug"
+    assert out.token_ids == [ids.ref_end, ids.mask_start] + [ids.seg] * 4 + [ids.mask_end, ids.eos[0]]
+
+
+def test_generation_stops_at_the_token_budget(tiny_model, tiny_tester):
+    model, tok = tiny_model
+    inputs = tiny_tester.prepare_inputs(model, tok)
+    never_ends = ScriptedAnswer(encode_text(tok, "word"))
+    out = generate(model, torch.tensor([inputs.prompt_ids]), inputs.vision, 5, [never_ends])
+    assert len(out.token_ids) == 5 and not out.phrases

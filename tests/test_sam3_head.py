@@ -1,0 +1,75 @@
+"""SAM3 driven through our external-query path equals stock SAM3."""
+
+import pytest
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from instructsam_core.config import preset
+from instructsam_core.model.sam3_head import PRESENCE_MODULES, build_sam3, run_head
+
+
+def _inputs(batch=2, prompt_len=5, width=32):
+    torch.manual_seed(1)
+    pixels = torch.randn(batch, 3, 112, 112)
+    prompt = torch.randn(batch, prompt_len, width)
+    mask = torch.ones(batch, prompt_len, dtype=torch.bool)
+    mask[0, 3:] = False  # a padded prompt
+    return pixels, prompt, mask
+
+
+def test_own_queries_with_presence_equal_sam3_forward_exactly():
+    torch.manual_seed(0)
+    sam3 = build_sam3(preset("tiny").sam3, num_queries=4, use_presence=True).eval()
+    pixels, prompt, mask = _inputs()
+    with torch.no_grad():
+        vision = sam3.get_vision_features(pixel_values=pixels)
+        ref = sam3(vision_embeds=vision, text_embeds=BaseModelOutputWithPooling(pooler_output=prompt),
+                   attention_mask=mask.long())
+        ours = run_head(sam3, vision.fpn_hidden_states, vision.fpn_position_encoding, prompt, mask,
+                        queries=None, use_presence=True)
+    assert torch.equal(ours.mask_logits, ref.pred_masks)
+    assert torch.equal(ours.logits, ref.pred_logits)
+    assert torch.equal(ours.boxes, ref.pred_boxes)
+    assert torch.equal(ours.presence_logits, ref.presence_logits)
+
+
+def test_external_queries_drive_the_slots():
+    torch.manual_seed(0)
+    sam3 = build_sam3(preset("tiny").sam3, num_queries=4, use_presence=False).eval()
+    pixels, prompt, mask = _inputs()
+    with torch.no_grad():
+        vision = sam3.get_vision_features(pixel_values=pixels)
+        queries = torch.randn(2, 4, 32)
+        a = run_head(sam3, vision.fpn_hidden_states, vision.fpn_position_encoding, prompt, mask, queries, False)
+        queries2 = queries.clone()
+        queries2[:, 2] += 1.0
+        b = run_head(sam3, vision.fpn_hidden_states, vision.fpn_position_encoding, prompt, mask, queries2, False)
+    assert a.presence_logits is None
+    assert a.mask_logits.shape == (2, 4, 32, 32)
+    assert not torch.allclose(a.mask_logits[:, 2], b.mask_logits[:, 2])
+    torch.testing.assert_close(a.scores(), a.logits.sigmoid())
+
+
+def test_released_sam3_has_no_presence_token_and_no_clip():
+    sam3 = build_sam3(preset("tiny").sam3, num_queries=4, use_presence=False)
+    keys = list(sam3.state_dict())
+    assert not [k for k in keys if k.startswith("text_encoder.")]
+    assert not [k for k in keys if any(m in k for m in PRESENCE_MODULES)]
+    assert "text_projection.weight" in keys
+    assert sam3.detr_decoder.query_embed.weight.shape[0] == 4
+
+
+def test_prompt_padding_is_ignored():
+    torch.manual_seed(0)
+    sam3 = build_sam3(preset("tiny").sam3, num_queries=4, use_presence=False).eval()
+    pixels, prompt, mask = _inputs(batch=1)
+    mask[0, 3:] = False
+    changed = prompt.clone()
+    changed[0, 3:] = 100.0  # garbage in padded positions
+    with torch.no_grad():
+        vision = sam3.get_vision_features(pixel_values=pixels)
+        q = torch.randn(1, 4, 32)
+        a = run_head(sam3, vision.fpn_hidden_states, vision.fpn_position_encoding, prompt, mask, q, False)
+        b = run_head(sam3, vision.fpn_hidden_states, vision.fpn_position_encoding, changed, mask, q, False)
+    torch.testing.assert_close(a.mask_logits, b.mask_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
