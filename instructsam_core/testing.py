@@ -19,6 +19,22 @@ from .model.instructsam import InstructSam, SamFeatures, VisionTokens
 from .processing import build_prompt_ids, encode_text, preprocess_sam, preprocess_vlm
 
 
+class ScriptedAnswer:
+    """A logits processor that makes generation emit exactly `tokens` (then repeat the last),
+    so that cached generation and query injection run on random tiny weights."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens = list(tokens)
+        self.step = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        token = self.tokens[min(self.step, len(self.tokens) - 1)]
+        self.step += 1
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, token] = 0.0
+        return forced
+
+
 def make_tiny_checkpoint(directory: str | Path, seed: int = 0, **config_overrides) -> Path:
     """Write a tiny random InstructSAM checkpoint (released layout) to `directory`."""
     config = preset("tiny")

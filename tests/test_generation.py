@@ -4,21 +4,7 @@ import torch
 
 from instructsam_core.model.generation import generate
 from instructsam_core.processing import encode_text
-
-
-class ScriptedAnswer:
-    """A logits processor that makes the model emit exactly `tokens`, then repeat the last."""
-
-    def __init__(self, tokens: list[int]):
-        self.tokens = tokens
-        self.step = 0
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        token = self.tokens[min(self.step, len(self.tokens) - 1)]
-        self.step += 1
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, token] = 0.0
-        return forced
+from instructsam_core.testing import ScriptedAnswer
 
 
 def _two_phrase_script(model, tok):

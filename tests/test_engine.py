@@ -1,0 +1,122 @@
+"""The Segmenter: API shape, caching, bad input, results."""
+
+import numpy as np
+import pytest
+import torch
+
+from instructsam_core.engine import Segmenter
+from instructsam_core.sample_images import tabletop_scene
+
+
+@pytest.fixture()
+def image():
+    return tabletop_scene(96, 72, seed=1).image
+
+
+def test_segment_before_set_image_raises(tiny_checkpoint):
+    seg = Segmenter.from_pretrained(str(tiny_checkpoint))
+    with pytest.raises(RuntimeError, match="call set_image"):
+        seg.segment("the mug")
+
+
+def test_result_is_consistent(tiny_segmenter, image):
+    r = tiny_segmenter.segment_image(image, "the red mug", score_threshold=0.0)
+    assert len(r) > 0
+    assert r.masks.shape == (len(r), 72, 96) and r.masks.dtype == bool
+    assert np.all(np.diff(r.scores) <= 0) and np.all((r.scores >= 0) & (r.scores <= 1))
+    from instructsam_core.postprocess import masks_to_boxes
+    np.testing.assert_array_equal(r.boxes, masks_to_boxes(r.masks))
+    assert set(r.phrases) == {"the red mug"} and set(r.phrase_indices) == {0}
+    assert set(r.timings) == {"image_encode", "generate", "mask_head", "postprocess", "total"}
+    assert r.timings["image_encode"] > 0
+    assert r.to_json()["instances"][0]["box_xyxy"] == r.boxes[0].tolist()
+
+
+def test_cached_frame_matches_fresh_encoding(tiny_segmenter, image):
+    fresh = tiny_segmenter.segment_image(image, "the blue mug", key=(1, 0), score_threshold=0.0)
+    cached = tiny_segmenter.segment_image(image, "the blue mug", key=(1, 0), score_threshold=0.0)
+    assert cached.timings["image_encode"] == 0.0
+    np.testing.assert_array_equal(fresh.masks, cached.masks)
+    np.testing.assert_array_equal(fresh.scores, cached.scores)
+
+
+def test_new_key_reencodes(tiny_segmenter, image):
+    tiny_segmenter.set_image(image, key="a")
+    other = tabletop_scene(96, 72, seed=2).image
+    a = tiny_segmenter.segment("the mug", score_threshold=0.0)
+    tiny_segmenter.set_image(other, key="b")
+    b = tiny_segmenter.segment("the mug", score_threshold=0.0)
+    assert b.timings["image_encode"] > 0
+    assert not np.array_equal(a.union_mask(), b.union_mask())
+
+
+def test_threshold_one_gives_no_target(tiny_segmenter, image):
+    r = tiny_segmenter.segment_image(image, "the mug", score_threshold=1.0)
+    assert len(r) == 0 and r.masks.shape == (0, 72, 96)
+
+
+@pytest.mark.parametrize("instruction, message", [
+    ("", "empty"), ("   ", "empty"), ("x" * 5000, "more than the limit"), (None, "must be a str"),
+    ("mug\ud800", "not valid UTF-8"), ("mug\x00", "NUL"),
+])
+def test_bad_instructions_are_rejected(tiny_segmenter, image, instruction, message):
+    tiny_segmenter.set_image(image)
+    with pytest.raises(ValueError, match=message):
+        tiny_segmenter.segment(instruction)
+
+
+def test_bad_images_and_thresholds_are_rejected(tiny_segmenter, image):
+    with pytest.raises(ValueError, match="uint8"):
+        tiny_segmenter.set_image(image.astype(np.float32))
+    with pytest.raises(ValueError, match="HxWx3"):
+        tiny_segmenter.set_image(image[..., 0])
+    tiny_segmenter.set_image(image)
+    with pytest.raises(ValueError, match="score_threshold"):
+        tiny_segmenter.segment("mug", score_threshold=float("nan"))
+
+
+def test_segment_batch_matches_single_calls(tiny_segmenter, image):
+    images = [image, tabletop_scene(64, 48, seed=3).image]
+    batch = tiny_segmenter.segment_batch(images, ["the mug", "a pear"], score_threshold=0.0)
+    single = [tiny_segmenter.segment_image(im, t, score_threshold=0.0) for im, t in zip(images, ["the mug", "a pear"])]
+    for a, b in zip(batch, single):
+        np.testing.assert_array_equal(a.masks, b.masks)
+    with pytest.raises(ValueError, match="pair 1: instruction is empty"):
+        tiny_segmenter.segment_batch(images, ["mug", ""])
+
+
+def test_generate_mode_with_a_scripted_answer(tiny_checkpoint, image):
+    from instructsam_core.processing import encode_text
+    from instructsam_core.testing import ScriptedAnswer
+
+    seg = Segmenter.from_pretrained(str(tiny_checkpoint))  # phrase_mode "generate"
+    ids, tok = seg.model.token_ids, seg.tokenizer
+    script = ([ids.ref_start] + encode_text(tok, "red mug") + [ids.ref_end, ids.ref_start]
+              + encode_text(tok, "pear") + [ids.ref_end, ids.im_end])
+    seg.set_image(image)
+    r = seg.segment("the red mug and the pear", score_threshold=0.0, logits_processors=[ScriptedAnswer(script)])
+    assert set(r.phrases) <= {"red mug", "pear"} and len(r) > 0
+    assert "<|object_ref_start|>red mug<|object_ref_end|>" in r.generated_text
+
+
+def test_untrained_preset_says_so(caplog):
+    with caplog.at_level("WARNING"):
+        seg = Segmenter.from_pretrained("tiny")
+    assert seg.is_untrained and seg.phrase_mode == "instruction"
+    assert "UNTRAINED" in caplog.text
+
+
+def test_unknown_backend_device_and_dtype_are_named(tiny_checkpoint):
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'; available: \\['eager'\\]"):
+        Segmenter.from_pretrained(str(tiny_checkpoint), backend="tensorrt")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        Segmenter.from_pretrained(str(tiny_checkpoint), dtype="int3")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Segmenter.from_pretrained(str(tiny_checkpoint), device="cuda")
+
+
+def test_bfloat16_on_cpu_runs(tiny_checkpoint, image):
+    seg = Segmenter.from_pretrained(str(tiny_checkpoint), dtype="bfloat16", phrase_mode="instruction")
+    r = seg.segment_image(image, "the mug", score_threshold=0.0)
+    assert seg.dtype == torch.bfloat16 and r.masks.shape[1:] == (72, 96)
