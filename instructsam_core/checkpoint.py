@@ -282,9 +282,11 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def build_model(config: InstructSamConfig, seed: int | None = 0, tokenizer=None) -> tuple[InstructSam, Any]:
+def build_model(config: InstructSamConfig, seed: int | None = 0, tokenizer=None,
+                device: str | torch.device = "cpu") -> tuple[InstructSam, Any]:
     """A randomly initialised model of `config` and its tokenizer (the offline Qwen one by
-    default). With `seed`, the weights are the same on every call (the untrained demo)."""
+    default). With `seed`, the weights are the same on every call (the untrained demo).
+    `device` is where the parameters are created (real-size benchmarks build on the GPU)."""
     tokenizer = tokenizer or build_offline_qwen_tokenizer()
     token_ids = token_ids_from_tokenizer(tokenizer)
     vocab = (config.vlm.get("text_config") or {}).get("vocab_size", 151936)
@@ -294,7 +296,8 @@ def build_model(config: InstructSamConfig, seed: int | None = 0, tokenizer=None)
     try:
         if seed is not None:
             torch.manual_seed(seed)
-        model = InstructSam(config, token_ids)
+        with torch.device(device):
+            model = InstructSam(config, token_ids)
     finally:
         torch.random.set_rng_state(generator_state)
     return model.eval(), tokenizer

@@ -74,6 +74,7 @@ class Segmenter:
         self._frame_key: Hashable | None = None
         self._image_size: tuple[int, int] | None = None
         self._encode_seconds = 0.0
+        self._released = False
 
     # ---- construction -----------------------------------------------------------
 
@@ -99,7 +100,11 @@ class Segmenter:
         torch_dtype = resolve_dtype(dtype, dev)
         if backend not in available_backends():
             raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
-        engine_config = replace(EngineConfig(), **engine_options)
+        try:
+            engine_config = replace(EngineConfig(), **engine_options)
+        except TypeError as err:
+            known = sorted(EngineConfig.__dataclass_fields__)
+            raise ValueError(f"unknown engine option in {sorted(engine_options)}; known: {known}") from err
         if path in PRESETS:
             if path != "tiny":
                 raise ValueError(f"preset {path!r} has no embedded weights; pass its checkpoint directory")
@@ -139,6 +144,8 @@ class Segmenter:
             key: the caller's identity for the frame (e.g. its stamp). When it equals the
                 key of the frame already encoded, nothing is recomputed. Never `id(image)`.
         """
+        if self._released:
+            raise RuntimeError("this Segmenter was released; load a new one with Segmenter.from_pretrained")
         image = validate_rgb(image)
         if key is not None and key == self._frame_key and self._frame is not None:
             self._encode_seconds = 0.0
@@ -156,6 +163,13 @@ class Segmenter:
     def reset(self) -> None:
         """Forget the encoded frame."""
         self._frame = self._frame_key = self._image_size = None
+
+    def release(self) -> None:
+        """Forget the frame and free device memory. The Segmenter cannot be used after
+        this; load a new one (as a lifecycle node does on re-activation)."""
+        self.reset()
+        self.backend.release()
+        self._released = True
 
     # ---- instructions -----------------------------------------------------------
 
@@ -201,6 +215,8 @@ class Segmenter:
         if not 0.0 <= threshold <= 1.0 or np.isnan(threshold):
             raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
         max_instances = self.config.max_instances if max_instances is None else max_instances
+        if max_instances is not None and max_instances < 1:
+            raise ValueError(f"max_instances must be >= 1 or None, got {max_instances}")
         t0 = time.perf_counter()
         model = self.model
         prompt = build_prompt_ids(self.tokenizer, text, self._frame.vision.embeds.shape[0], model.token_ids,

@@ -120,3 +120,17 @@ def test_bfloat16_on_cpu_runs(tiny_checkpoint, image):
     seg = Segmenter.from_pretrained(str(tiny_checkpoint), dtype="bfloat16", phrase_mode="instruction")
     r = seg.segment_image(image, "the mug", score_threshold=0.0)
     assert seg.dtype == torch.bfloat16 and r.masks.shape[1:] == (72, 96)
+
+
+def test_unknown_engine_option_and_bad_cap_are_named(tiny_checkpoint, image):
+    with pytest.raises(ValueError, match="unknown engine option in \\['score_treshold'\\]"):
+        Segmenter.from_pretrained(str(tiny_checkpoint), score_treshold=0.3)
+    seg = Segmenter.from_pretrained(str(tiny_checkpoint), phrase_mode="instruction", max_new_tokens=8)
+    seg.set_image(image)
+    with pytest.raises(ValueError, match="max_instances must be >= 1"):
+        seg.segment("mug", max_instances=0)
+    seg.release()
+    with pytest.raises(RuntimeError, match="call set_image"):
+        seg.segment("mug")
+    with pytest.raises(RuntimeError, match="was released"):
+        seg.set_image(image)

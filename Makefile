@@ -1,0 +1,46 @@
+# instructsam: set-up, demo and tests on a fresh Linux x86_64 machine with Python 3.11.
+#
+#   make demo   the perception node on procedural sample frames, embedded tiny model
+#   make test   the whole test suite (core, evaluation, ROS 2 node over real DDS)
+#
+# Everything lands in .venv (the ROS 2 Kilted wheels included: the venv is the ROS
+# underlay) and install/ (this package built by CMake, as colcon does on a robot).
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build that pip finds on the CI machines; on a GPU box choose your CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup setup-core setup-ros demo test test-core segment clean
+
+setup: setup-ros
+
+setup-core: $(VENV)/.core-stamp
+
+$(VENV)/.core-stamp: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
+	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH_SPEC)"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,training,export]"
+	touch $@
+
+setup-ros: setup-core
+	scripts/install_ros.sh $(VENV)
+	scripts/build_ros.sh $(VENV) install
+
+demo: setup-ros
+	. scripts/ros_env.sh && $(PY) -m instructsam_ros.demo
+
+test: setup-ros
+	. scripts/ros_env.sh && $(PY) -m pytest tests -q -p no:cacheprovider
+
+# Core only (no ROS): what a training cluster or GPU server needs.
+test-core: setup-core
+	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/ros
+
+segment: setup-core
+	$(VENV)/bin/instructsam segment --instruction "the red mug" --out out/overlay.png
+
+clean:
+	rm -rf build install log out
