@@ -22,7 +22,7 @@ $(VENV)/.core-stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
 	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH_SPEC)"
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,training,export]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,training,eval,export]"
 	touch $@
 
 setup-ros: setup-core

@@ -23,7 +23,7 @@ from .checkpoint import build_model, load_checkpoint
 from .config import PRESETS, EngineConfig, preset
 from .model.generation import LogitsProcessor
 from .postprocess import slots_to_result
-from .processing import build_prompt_ids, preprocess_sam, preprocess_vlm, validate_rgb
+from .processing import build_prompt_ids, build_prompt_prefix_ids, preprocess_sam, preprocess_vlm, validate_rgb
 from .result import Result
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,9 @@ class Segmenter:
         start = time.perf_counter()
         vlm = preprocess_vlm(image, min_pixels=cfg.vlm_min_pixels, max_pixels=cfg.vlm_max_pixels)
         sam = preprocess_sam(image, cfg.sam_image_size)
-        self._frame = self.backend.encode_frame(vlm.pixel_values, vlm.grid_thw, sam)
+        prefix = build_prompt_prefix_ids(self.tokenizer, vlm.num_tokens, self.model.token_ids,
+                                         self.config.system_prompt)
+        self._frame = self.backend.encode_frame(vlm.pixel_values, vlm.grid_thw, sam, prefix)
         self._synchronize()
         self._encode_seconds = time.perf_counter() - start
         self._frame_key = key

@@ -91,16 +91,23 @@ def encode_text(tokenizer, text: str, literal: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=literal)["input_ids"])
 
 
+def build_prompt_prefix_ids(tokenizer, num_image_tokens: int, ids: TokenIds,
+                            system_prompt: str | None = None) -> list[int]:
+    """The part of the chat prompt every instruction on a frame shares: the optional system
+    turn, the user turn's opening and the image (cached once per frame by the engine)."""
+    prefix = ""
+    if system_prompt:
+        prefix += f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
+    prefix += "<|im_start|>user\n<|vision_start|>"
+    return encode_text(tokenizer, prefix) + [ids.image] * num_image_tokens + [ids.vision_end]
+
+
 def build_prompt_ids(tokenizer, instruction: str, num_image_tokens: int, ids: TokenIds,
                      system_prompt: str | None = None, phrase: str | None = None) -> list[int]:
     """Qwen3-VL chat prompt: one user turn with the image then the instruction, and the
     assistant turn opened. With `phrase`, the answer is forced to start with
     `<|object_ref_start|>phrase`, ready for the query block."""
-    prefix = ""
-    if system_prompt:
-        prefix += f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
-    prefix += "<|im_start|>user\n<|vision_start|>"
-    seq = encode_text(tokenizer, prefix) + [ids.image] * num_image_tokens + [ids.vision_end]
+    seq = build_prompt_prefix_ids(tokenizer, num_image_tokens, ids, system_prompt)
     seq += encode_text(tokenizer, instruction, literal=True)
     seq += encode_text(tokenizer, "<|im_end|>\n<|im_start|>assistant\n")
     if phrase is not None:

@@ -59,3 +59,36 @@ def test_generation_stops_at_the_token_budget(tiny_model, tiny_tester):
     never_ends = ScriptedAnswer(encode_text(tok, "word"))
     out = generate(model, torch.tensor([inputs.prompt_ids]), inputs.vision, 5, [never_ends])
     assert len(out.token_ids) == 5 and not out.phrases
+
+
+def test_cached_prompt_prefix_gives_the_same_answer(tiny_model, tiny_tester):
+    from instructsam_core.model.generation import prefill_prefix
+    from instructsam_core.processing import build_prompt_prefix_ids
+
+    model, tok = tiny_model
+    inputs = tiny_tester.prepare_inputs(model, tok)
+    prefix_ids = build_prompt_prefix_ids(tok, inputs.vision.embeds.shape[0], model.token_ids)
+    assert inputs.prompt_ids[: len(prefix_ids)] == prefix_ids
+    prefix = prefill_prefix(model, torch.tensor([prefix_ids]), inputs.vision)
+    prompt = torch.tensor([inputs.prompt_ids])
+    plain = generate(model, prompt, inputs.vision, 40, [ScriptedAnswer(_two_phrase_script(model, tok))])
+    for _ in range(2):  # the prefix is reused, never changed
+        cached = generate(model, prompt, inputs.vision, 40, [ScriptedAnswer(_two_phrase_script(model, tok))],
+                          prefix=prefix)
+        assert cached.token_ids == plain.token_ids
+        for a, b in zip(plain.phrases, cached.phrases):
+            torch.testing.assert_close(a.query_states, b.query_states, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(a.phrase_states, b.phrase_states, atol=1e-5, rtol=1e-4)
+    assert prefix.cache.get_seq_length() == len(prefix_ids)
+
+
+def test_prefix_of_another_frame_is_refused(tiny_model, tiny_tester):
+    import pytest
+
+    from instructsam_core.model.generation import prefill_prefix
+
+    model, tok = tiny_model
+    inputs = tiny_tester.prepare_inputs(model, tok)
+    prefix = prefill_prefix(model, torch.tensor([inputs.prompt_ids[:3] + [7]]), None)
+    with pytest.raises(ValueError, match="does not start with the cached prefix"):
+        generate(model, torch.tensor([inputs.prompt_ids]), inputs.vision, 4, prefix=prefix)

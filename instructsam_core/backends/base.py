@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.generation import Generation, LogitsProcessor
+from ..model.generation import Generation, LogitsProcessor, PromptPrefix
 from ..model.instructsam import InstructSam, SamFeatures, VisionTokens
 from ..model.sam3_head import HeadOutput
 
@@ -19,6 +19,7 @@ class FrameFeatures:
 
     vision: VisionTokens  # Qwen3-VL vision tokens
     sam: SamFeatures  # SAM3 FPN features (batch of one)
+    prefix: PromptPrefix  # LLM KV cache of the prompt up to and including the image
 
 
 class Backend(ABC):
@@ -37,13 +38,14 @@ class Backend(ABC):
 
     @abstractmethod
     def encode_frame(self, vlm_pixels: torch.Tensor, grid_thw: tuple[int, int, int],
-                     sam_pixels: torch.Tensor) -> FrameFeatures:
-        """Both image encoders on one preprocessed frame."""
+                     sam_pixels: torch.Tensor, prefix_ids: list[int]) -> FrameFeatures:
+        """Both image encoders on one preprocessed frame, and the LLM over the prompt prefix
+        (`prefix_ids`, ending with the image) that every instruction on it shares."""
 
     @abstractmethod
     def generate(self, frame: FrameFeatures, prompt_ids: list[int], max_new_tokens: int,
                  logits_processors: Sequence[LogitsProcessor] = (), force_phrase_end: bool = False) -> Generation:
-        """The LLM answer with a query block per phrase."""
+        """The LLM answer with a query block per phrase; `prompt_ids` starts with the frame's prefix."""
 
     @abstractmethod
     def segment_phrases(self, frame: FrameFeatures, generation: Generation) -> HeadOutput:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..model.generation import Generation, LogitsProcessor, generate
+from ..model.generation import Generation, LogitsProcessor, generate, prefill_prefix
 from ..model.sam3_head import HeadOutput
 from .base import Backend, FrameFeatures
 
@@ -19,16 +19,18 @@ class EagerBackend(Backend):
         self.model.to(device=device, dtype=dtype).eval()
 
     @torch.inference_mode()
-    def encode_frame(self, vlm_pixels, grid_thw, sam_pixels) -> FrameFeatures:
+    def encode_frame(self, vlm_pixels, grid_thw, sam_pixels, prefix_ids) -> FrameFeatures:
         vision = self.model.encode_image_vlm(vlm_pixels.to(self.device, self.dtype), grid_thw)
         sam = self.model.encode_image_sam(sam_pixels.to(self.device, self.dtype))
-        return FrameFeatures(vision=vision, sam=sam)
+        prefix = prefill_prefix(self.model, torch.tensor([prefix_ids], device=self.device), vision)
+        return FrameFeatures(vision=vision, sam=sam, prefix=prefix)
 
     @torch.inference_mode()
     def generate(self, frame: FrameFeatures, prompt_ids: list[int], max_new_tokens: int,
                  logits_processors: Sequence[LogitsProcessor] = (), force_phrase_end: bool = False) -> Generation:
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        return generate(self.model, ids, frame.vision, max_new_tokens, logits_processors, force_phrase_end)
+        return generate(self.model, ids, frame.vision, max_new_tokens, logits_processors, force_phrase_end,
+                        prefix=frame.prefix)
 
     @torch.inference_mode()
     def segment_phrases(self, frame: FrameFeatures, generation: Generation) -> HeadOutput:

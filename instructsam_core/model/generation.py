@@ -8,6 +8,7 @@ One instruction may thus yield several phrases, each with its own K slots.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -53,6 +54,49 @@ def _phrase_span(sequence: list[int], ref_start: int, ref_end_pos: int) -> int:
     return -1
 
 
+@dataclass
+class PromptPrefix:
+    """The KV cache of the prompt part every instruction on a frame shares (the chat header
+    and the image), computed once per frame. `generate` copies it, never changes it."""
+
+    token_ids: list[int]
+    cache: DynamicCache
+    next_position: torch.Tensor  # (1,) the position the token after the prefix takes
+
+
+def _extend(model: InstructSam, cache: DynamicCache, new_ids: torch.Tensor, next_pos: torch.Tensor,
+            past_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run text tokens `(1, Q)` (no image tokens) on top of a cache of `past_len` tokens.
+    Returns `(hidden (1, Q, H), next position)`."""
+    q = new_ids.shape[1]
+    positions = (next_pos.view(1, 1, 1) + torch.arange(q, device=new_ids.device).view(1, 1, -1)).expand(3, 1, q)
+    mask = hybrid_attention_mask(new_ids == model.token_ids.seg,
+                                 torch.ones(1, past_len + q, dtype=torch.bool, device=new_ids.device))
+    embeds, _, _ = model.embed(new_ids)
+    return model.run_language_model(embeds, mask, positions, cache), next_pos + q
+
+
+def _prefill(model: InstructSam, prompt_ids: torch.Tensor, vision: VisionTokens | None
+             ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+    """The whole prompt `(1, L)` (image included) into a fresh cache."""
+    ones = torch.ones_like(prompt_ids)
+    merge = model.vlm.config.vision_config.spatial_merge_size
+    positions, next_pos = mrope_positions(prompt_ids, ones, model.token_ids.image,
+                                          [vision.grid_thw if vision else None], merge)
+    embeds, visual_pos_mask, deepstack = model.embed(prompt_ids, [vision])
+    cache = DynamicCache(config=model.vlm.config.text_config)
+    mask = hybrid_attention_mask(prompt_ids == model.token_ids.seg, ones.bool())
+    hidden = model.run_language_model(embeds, mask, positions, cache, visual_pos_mask, deepstack)
+    return hidden, cache, next_pos
+
+
+@torch.no_grad()
+def prefill_prefix(model: InstructSam, prefix_ids: torch.Tensor, vision: VisionTokens | None) -> PromptPrefix:
+    """Encode the shared prompt prefix `(1, L)` of a frame once."""
+    _, cache, next_pos = _prefill(model, prefix_ids, vision)
+    return PromptPrefix(token_ids=prefix_ids[0].tolist(), cache=cache, next_position=next_pos)
+
+
 @torch.no_grad()
 def generate(
     model: InstructSam,
@@ -61,6 +105,7 @@ def generate(
     max_new_tokens: int = 64,
     logits_processors: Sequence[LogitsProcessor] = (),
     force_phrase_end: bool = False,
+    prefix: PromptPrefix | None = None,
 ) -> Generation:
     """Greedy decoding of one prompt `(1, L)` with query blocks injected at phrase ends.
 
@@ -72,20 +117,26 @@ def generate(
         logits_processors: applied in order to each step's scores before the argmax.
         force_phrase_end: the prompt already ends in `<ref_start> phrase`; close it at once
             with a query block and stop (the caller forced the phrase, no generation).
+        prefix: the frame's cached prompt prefix; `prompt_ids` must start with its tokens.
+            Only the rest of the prompt is then run.
     """
     ids = model.token_ids
     k = model.config.num_queries
     device = prompt_ids.device
-    merge = model.vlm.config.vision_config.spatial_merge_size
-    ones = torch.ones_like(prompt_ids)
-    positions, next_pos = mrope_positions(prompt_ids, ones, ids.image, [vision.grid_thw if vision else None], merge)
-    embeds, visual_pos_mask, deepstack = model.embed(prompt_ids, [vision])
-    cache = DynamicCache(config=model.vlm.config.text_config)
-    mask = hybrid_attention_mask(prompt_ids == ids.seg, ones.bool())
-    hidden = model.run_language_model(embeds, mask, positions, cache, visual_pos_mask, deepstack)
+    if prefix is not None:
+        n = len(prefix.token_ids)
+        if prompt_ids[0, :n].tolist() != prefix.token_ids:
+            raise ValueError("the prompt does not start with the cached prefix of this frame")
+        if bool((prompt_ids[0, n:] == ids.image).any()):
+            raise ValueError("image tokens after the cached prefix")
+        cache = copy.deepcopy(prefix.cache)
+        hidden, next_pos = _extend(model, cache, prompt_ids[:, n:], prefix.next_position, n)
+    else:
+        hidden, cache, next_pos = _prefill(model, prompt_ids, vision)
 
     sequence = prompt_ids[0].tolist()
-    states = [hidden[0]]  # hidden states of every position so far, in chunks
+    states = [hidden[0]]  # hidden states of the positions run so far (not the cached prefix)
+    first_state = len(sequence) - hidden.shape[1]
     out = Generation()
     block = [ids.ref_end, ids.mask_start] + [ids.seg] * k + [ids.mask_end]
     step_hidden = hidden[:, -1]
@@ -101,26 +152,21 @@ def generate(
             out.token_ids.append(token)
             break
         new = block if token == ids.ref_end else [token]
-        new_ids = torch.tensor([new], dtype=torch.long, device=device)
-        q = len(new)
-        new_pos = (next_pos.view(1, 1, 1) + torch.arange(q, device=device).view(1, 1, -1)).expand(3, 1, q)
-        next_pos = next_pos + q
         past = len(sequence)
-        mask = hybrid_attention_mask(new_ids == ids.seg, torch.ones(1, past + q, dtype=torch.bool, device=device))
-        new_embeds, _, _ = model.embed(new_ids)
-        hidden = model.run_language_model(new_embeds, mask, new_pos, cache)
+        hidden, next_pos = _extend(model, cache, torch.tensor([new], dtype=torch.long, device=device), next_pos, past)
         sequence.extend(new)
         states.append(hidden[0])
         out.token_ids.extend(new)
         step_hidden = hidden[:, -1]
         if token == ids.ref_end:
-            ref_end_pos = past
-            start = _phrase_span(sequence, ids.ref_start, ref_end_pos)
+            start = _phrase_span(sequence, ids.ref_start, past)
+            span = list(range(start if start >= 0 else past, past + 1))[: model.config.max_phrase_tokens]
+            if span[0] < first_state:
+                raise ValueError("the phrase starts inside the cached prefix")
             all_states = torch.cat(states)
-            span = list(range(start if start >= 0 else ref_end_pos, ref_end_pos + 1))[: model.config.max_phrase_tokens]
             out.phrases.append(GeneratedPhrase(
                 token_ids=[sequence[i] for i in span],
                 query_states=hidden[0, 2:2 + k],
-                phrase_states=all_states[span],
+                phrase_states=all_states[[i - first_state for i in span]],
             ))
     return out

@@ -1,0 +1,261 @@
+"""The benchmark runner and summaries with a fast stub predictor: resume, sharding,
+limit, bad data, predict-only records, strata. (The real engine runs in test_eval_e2e.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from instructsam_core.metrics import mask_iou
+from instructsam_core.result import Result
+from training.eval import inst2seg, reasonseg, roborefit
+from training.eval.readers import read_inst2seg, read_plain, read_reasonseg, read_roborefit, roborefit_official_file
+from training.eval.runner import RunConfig, parse_shard, read_log, read_split_logs, run_split, select
+from training.eval.summary import latency_stats, markdown_table, run_info, summarize_split
+from training.eval.synthetic import rect_mask, write_inst2seg, write_reasonseg, write_roborefit_official
+
+
+class StubPredictor:
+    """Predicts one fixed rectangle on any image; raises for instructions containing 'boom'."""
+
+    device = "cpu"
+    dtype = "float32"
+    checkpoint = "stub"
+    is_untrained = False
+
+    def __init__(self, rect=(0, 0, 21, 16)):
+        self.rect = rect
+        self.calls: list[str] = []
+
+    def segment_image(self, image, instruction, key=None, *, score_threshold=0.5):
+        self.calls.append(instruction)
+        if "boom" in instruction.lower():
+            raise RuntimeError("boom")
+        h, w = image.shape[:2]
+        m = rect_mask((h, w), self.rect)
+        return Result(masks=m[None], scores=np.array([0.9], np.float32),
+                      boxes=np.array([self.rect], np.int64), phrases=["x"],
+                      phrase_indices=np.zeros(1, np.int64), slots=np.zeros(1, np.int64),
+                      image_size=(h, w), timings={"total": 0.001})
+
+
+def _cfg(tmp_path: Path, **kw) -> RunConfig:
+    return RunConfig(split_dir=tmp_path / "out" / "testA", progress=False, **kw)
+
+
+def _summary(spec, cfg, samples, limit=None):
+    recs = read_split_logs(cfg.split_dir)
+    expected = [s.sample_id for s in select(samples, limit)]
+    return summarize_split(spec, cfg.split_dir.name, recs, expected, run_info(StubPredictor()), {})
+
+
+@pytest.fixture
+def official(tmp_path):
+    written = write_roborefit_official(tmp_path, "testA", n=4)
+    samples = read_roborefit(roborefit_official_file(tmp_path, "testA"), tmp_path)
+    return written, samples
+
+
+def test_roborefit_summary_matches_hand_computed_ious(tmp_path, official):
+    written, samples = official
+    cfg = _cfg(tmp_path)
+    stats = run_split(StubPredictor(), samples, cfg)
+    assert (stats.selected, stats.ran, stats.failed) == (4, 4, 0)
+    s = _summary(roborefit.SPEC, cfg, samples)
+    pred = rect_mask((48, 64), (0, 0, 21, 16))
+    ious = [mask_iou(pred, rect_mask(w.size, w.rects[0])).iou for w in written]
+    assert ious[0] == pytest.approx(1.0, abs=1e-9)
+    m = s["metrics"]
+    assert m["miou"] == pytest.approx(np.mean(ious), abs=1e-12)
+    assert m["p@0.5"] == np.mean(np.array(ious) >= 0.5)
+    assert s["n"] == 4 and s["failures"] == 0 and s["complete"]
+    assert set(s["groups"]) == {"scene_0", "scene_1"}
+    assert s["groups"]["scene_0"]["metrics"]["miou"] == pytest.approx((ious[0] + ious[2]) / 2, abs=1e-12)
+    assert s["paper"] == {"miou": 82.5}
+    table = markdown_table([s], {"roborefit": roborefit.SPEC})
+    assert "| RoboRefIt | testA | mask mIoU (%) |" in table and "| 82.5 |" in table
+
+
+def test_rerun_skips_done_samples_and_limit_extends(tmp_path, official):
+    _, samples = official
+    cfg = _cfg(tmp_path, limit=2)
+    run_split(StubPredictor(), samples, cfg)
+    cfg.limit = None
+    again = StubPredictor()
+    stats = run_split(again, samples, cfg)
+    assert (stats.skipped, stats.ran) == (2, 2) and len(again.calls) == 2
+    assert [r["id"] for r in read_log(cfg.split_dir / "samples.jsonl")] == ["000000", "000001", "000002", "000003"]
+
+
+def test_torn_last_line_is_dropped_and_that_sample_reruns(tmp_path, official):
+    _, samples = official
+    cfg = _cfg(tmp_path, limit=2)
+    run_split(StubPredictor(), samples, cfg)
+    log = cfg.split_dir / "samples.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # crash mid-write
+    assert [r["id"] for r in read_log(log)] == ["000000"]  # reading alone leaves the file as is
+    assert not log.read_text().endswith("\n")
+    again = StubPredictor()
+    run_split(again, samples, cfg)
+    assert len(again.calls) == 1
+    assert [r["id"] for r in read_log(log)] == ["000000", "000001"]
+
+
+def test_corrupt_line_inside_the_log_raises(tmp_path):
+    log = tmp_path / "samples.jsonl"
+    log.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match="samples.jsonl:2: corrupt line"):
+        read_log(log)
+
+
+def test_shards_partition_the_split_and_merge_into_one_summary(tmp_path, official):
+    _, samples = official
+    full = _cfg(tmp_path)
+    run_split(StubPredictor(), samples, full)
+    whole = _summary(roborefit.SPEC, full, samples)
+    sharded = RunConfig(split_dir=tmp_path / "sharded" / "testA", progress=False, shard=(0, 3))
+    run_split(StubPredictor(), samples, sharded)
+    partial = _summary(roborefit.SPEC, sharded, samples)
+    assert not partial["complete"] and partial["n_done"] == 1
+    for k in (1, 2):
+        sharded.shard = (k, 3)
+        run_split(StubPredictor(), samples, sharded)
+    merged = _summary(roborefit.SPEC, sharded, samples)
+    assert merged["complete"] and merged["metrics"] == whole["metrics"]
+    assert len(list(sharded.split_dir.glob("samples.shard-*-of-3.jsonl"))) == 3
+
+
+def test_shard_and_limit_selection():
+    assert parse_shard("1/4") == (1, 4)
+    with pytest.raises(ValueError, match="0-based"):
+        parse_shard("4/4")
+    with pytest.raises(ValueError, match="k/n"):
+        parse_shard("two")
+    items = list(range(10))
+    parts = [select(items, 7, (k, 3)) for k in range(3)]
+    assert sum(parts, []) == list(range(7)) and [len(p) for p in parts] == [2, 2, 3]
+
+
+def test_bad_data_fails_the_sample_and_the_run_goes_on(tmp_path, official):
+    written, samples = official
+    base = tmp_path / "final_dataset" / "testA"
+    (base / "image" / "0000001.png").unlink()  # missing image
+    (base / "mask" / "0000002.png").write_bytes(b"garbage")  # unreadable PNG
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(base / "mask" / "0000003.png")  # wrong size
+    cfg = _cfg(tmp_path)
+    stats = run_split(StubPredictor(), samples, cfg)
+    assert (stats.ran, stats.failed) == (4, 3)
+    s = _summary(roborefit.SPEC, cfg, samples)
+    reasons = {f["id"]: f["reason"] for f in s["failed_samples"]}
+    assert "image not found" in reasons["000001"]
+    assert "unreadable mask image" in reasons["000002"]
+    assert "GT mask is 10x10 (HxW) but the image is 48x64" in reasons["000003"]
+    assert s["n"] == 4 and s["failures"] == 3
+    assert s["metrics"]["miou"] == pytest.approx(1.0 / 4, abs=1e-9)  # failures score 0 and count
+
+
+def test_engine_errors_fail_the_sample_and_retry_failed_reruns_them(tmp_path):
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "m.png")
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([{"image": "a.png", "text": "boom the cup", "mask": "m.png"}]))
+    samples = read_plain(path, tmp_path)
+    cfg = _cfg(tmp_path)
+    run_split(StubPredictor(), samples, cfg)
+    (rec,) = read_log(cfg.split_dir / "samples.jsonl")
+    assert rec["status"] == "failed" and rec["reason"] == "engine error: RuntimeError: boom"
+    again = StubPredictor()
+    run_split(again, samples, cfg)
+    assert again.calls == []  # a failure is done unless asked to retry
+    cfg.retry_failed = True
+    run_split(again, samples, cfg)
+    assert len(again.calls) == 1
+
+
+def test_records_without_gt_run_predict_only(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(tmp_path / name)
+    Image.fromarray(rect_mask((24, 32), (0, 0, 21, 16)).astype(np.uint8)).save(tmp_path / "m.png")
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"image": "a.png", "text": "x", "mask": "m.png"}) + "\n"
+                    + json.dumps({"image": "b.png", "text": "y"}) + "\n")
+    samples = read_plain(path, tmp_path)
+    cfg = _cfg(tmp_path, save_masks=True)
+    run_split(StubPredictor(), samples, cfg)
+    s = _summary(roborefit.SPEC, cfg, samples)
+    assert s["n"] == 1 and s["n_predict_only"] == 1 and s["failures"] == 0
+    assert s["metrics"]["miou"] == pytest.approx(1.0, abs=1e-9)
+    recs = read_split_logs(cfg.split_dir)
+    assert recs["000001"]["status"] == "predict_only" and recs["000001"]["n_pred"] == 1
+    label = np.asarray(Image.open(cfg.split_dir / recs["000001"]["mask_png"]))
+    assert label.shape == (24, 32) and label[0, 0] == 1
+
+
+def test_only_predict_only_records_give_no_metrics(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([{"image": "a.png", "text": "x"}]))
+    samples = read_plain(path, tmp_path)
+    cfg = _cfg(tmp_path)
+    run_split(StubPredictor(), samples, cfg)
+    s = _summary(roborefit.SPEC, cfg, samples)
+    assert s["metrics"] is None and s["n"] == 0
+    assert "| n/a | 82.5 | 0 | 0 |" in markdown_table([s], {"roborefit": roborefit.SPEC})
+
+
+def test_latency_excludes_warmup():
+    recs = [{"latency_s": 10.0, "warmup": True}] + [{"latency_s": float(v), "warmup": False} for v in range(1, 101)]
+    lat = latency_stats(recs)
+    assert lat["n_timed"] == 100 and lat["mean"] == pytest.approx(50.5)
+    assert lat["p50"] == pytest.approx(50.5) and lat["p99"] == pytest.approx(99.01)
+    assert latency_stats([{"latency_s": 1.0, "warmup": True}]) is None
+
+
+def test_inst2seg_strata_and_instance_map(tmp_path):
+    path = write_inst2seg(tmp_path)
+    samples = read_inst2seg(path, tmp_path)
+    cfg = RunConfig(split_dir=tmp_path / "out" / "inst2seg", progress=False, both_empty_iou=1.0,
+                    instance_ious=True, warmup=0)
+    run_split(StubPredictor(rect=(2, 2, 12, 12)), samples, cfg)
+    s = _summary(inst2seg.SPEC, cfg, samples)
+    m = s["metrics"]
+    # every query scores 0.9 (ties keep input order): TP, TP, FP per image, 6 GT instances.
+    # rec 1/6 2/6 2/6 3/6 4/6 4/6, prec 1 1 2/3 3/4 4/5 4/6 -> AP = (1 + 1 + .8 + .8) / 6 = 0.6
+    # at every threshold (IoUs are 1 or 0)
+    assert m["AP50"] == pytest.approx(0.6, abs=1e-12) and m["AP75"] == m["AP50"]
+    assert m["mAP"] == pytest.approx(0.6, abs=1e-12)
+    assert m["num_gt"] == 6 and m["num_pred"] == 6
+    assert m["giou"] == pytest.approx((1 + 121 / 377 + 0) / 3, abs=1e-9)
+    assert set(s["groups"]) == {"single", "multi", "no-target"}
+    assert s["groups"]["single"]["metrics"]["giou"] == pytest.approx(1.0, abs=1e-9)
+    assert s["groups"]["no-target"]["metrics"]["n_acc"] == 0.0
+    assert s["groups"]["no-target"]["metrics"]["mAP"] == 0.0  # no GT at all
+    assert s["latency_s"]["n_timed"] == 6
+
+
+def test_reasonseg_reports_short_and_long(tmp_path):
+    path = write_reasonseg(tmp_path)
+    samples = read_reasonseg(path, tmp_path)
+    cfg = RunConfig(split_dir=tmp_path / "out" / "reason_seg_val", progress=False, both_empty_iou=1.0)
+    run_split(StubPredictor(rect=(5, 5, 20, 20)), samples, cfg)
+    s = _summary(reasonseg.SPEC, cfg, samples)
+    assert set(s["groups"]) == {"long", "short"}
+    assert s["metrics"]["giou"] == pytest.approx(1.0, abs=1e-9)
+    assert s["paper"] == {"giou": 62.5, "ciou": 65.0}
+
+
+def test_cli_reports_bad_question_files_without_loading_a_model(tmp_path, capsys):
+    code = roborefit.main(["--checkpoint", "tiny", "--output-dir", str(tmp_path / "o"),
+                           "--question-file", str(tmp_path / "missing.json")])
+    assert code == 2
+    assert "question file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        roborefit.main(["--checkpoint", "tiny", "--output-dir", str(tmp_path / "o"), "--shard", "2/2",
+                        "--data-root", str(tmp_path)])
+    assert "0-based" in capsys.readouterr().err
