@@ -19,9 +19,10 @@ MASK_END_TOKEN = "<|mask_end|>"
 REGION_TOKEN = "<REGION>"
 REF_START_TOKEN = "<|object_ref_start|>"
 REF_END_TOKEN = "<|object_ref_end|>"
-ADDED_TOKENS = (SEG_TOKEN, REGION_TOKEN, MASK_START_TOKEN, MASK_END_TOKEN)
+ADDED_TOKENS = (REGION_TOKEN, SEG_TOKEN, MASK_START_TOKEN, MASK_END_TOKEN)  # the release's order
 
 PHRASE_SOURCES = ("token_embeddings", "hidden_states")
+GENERATION_COMPAT = ("release", "consistent")
 
 
 @dataclass
@@ -40,9 +41,18 @@ class InstructSamConfig:
     # False: InstructSAM as released (no presence token; score = sigmoid(dot-product logit)).
     # True: keep SAM3's presence token and multiply its probability into the score.
     use_presence: bool = False
+    # How cached generation lays out positions and the query block's mask:
+    # "release": as the released inference code (1-D positions 0..L-1 for the whole prompt,
+    #   a query block's positions shifted by one, its queries also seeing <|mask_end|>);
+    #   the published numbers were measured this way.
+    # "consistent": as training (Qwen3-VL's 3-D M-RoPE, the hybrid mask); cached generation
+    #   then equals one teacher-forced forward pass.
+    generation_compat: str = "release"
     sam_image_size: int = 1008  # SAM3 input side (square)
-    vlm_min_pixels: int = 64 * 32 * 32  # Qwen3-VL image resize bounds (pixels)
-    vlm_max_pixels: int = 640 * 480
+    # Qwen3-VL image resize bounds in pixels (its processor's defaults; a checkpoint's
+    # preprocessor_config.json overrides them).
+    vlm_min_pixels: int = 65536
+    vlm_max_pixels: int = 16777216
     vlm: dict[str, Any] = field(default_factory=dict)  # Qwen3VLConfig.to_dict()
     sam3: dict[str, Any] = field(default_factory=dict)  # Sam3Config.to_dict()
 
@@ -51,6 +61,8 @@ class InstructSamConfig:
             raise ValueError(f"num_queries must be >= 1, got {self.num_queries}")
         if self.phrase_source not in PHRASE_SOURCES:
             raise ValueError(f"phrase_source must be one of {PHRASE_SOURCES}, got {self.phrase_source!r}")
+        if self.generation_compat not in GENERATION_COMPAT:
+            raise ValueError(f"generation_compat must be one of {GENERATION_COMPAT}, got {self.generation_compat!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(asdict(self))

@@ -50,6 +50,14 @@ def tiny_model(tiny_tester):
 
 
 @pytest.fixture(scope="session")
+def consistent_model():
+    """(model, tokenizer) whose cached generation follows the training layout exactly."""
+    from instructsam_core.testing import InstructSamModelTester
+
+    return InstructSamModelTester(generation_compat="consistent").get_model()
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     from instructsam_core.testing import make_tiny_checkpoint
 

@@ -36,7 +36,7 @@ def test_tiny_key_set_maps_one_to_one_onto_the_released_layout(tiny_model):
 
 def test_real_size_2b_key_set_matches_the_release():
     with torch.device("meta"):
-        model = InstructSam(preset("2b"), TokenIds(seg=151669, mask_start=151671, mask_end=151672))
+        model = InstructSam(preset("2b"), TokenIds(seg=151670, mask_start=151671, mask_end=151672))
     keys = set(released_state_dict(model)) | {"lm_head.weight"}
     assert len(keys) == 1705
     assert _patterns(keys) == _golden()
@@ -74,7 +74,7 @@ def test_config_json_is_the_released_layout(tiny_checkpoint):
     data = json.loads((tiny_checkpoint / "config.json").read_text())
     assert data["max_seg_nums"] == 4 and data["out_dim"] == 32
     assert data["seg_encoder"] == data["seg_decoder"] == "sam3"
-    assert data["seg_token_index"] == 151669
+    assert data["seg_token_index"] == 151670
     assert data["model_type"] == "qwen3_vl" and "text_config" in data and "vision_config" in data
 
 
@@ -185,7 +185,7 @@ def test_start_from_base_qwen_and_sam3_directories(tmp_path):
 
     model, tok = from_base_models(tmp_path / "qwen", tmp_path / "sam3", num_queries=4, out_dim=32,
                                   sam_image_size=112)
-    assert tok.convert_tokens_to_ids("[SEG]") == 151669
+    assert tok.convert_tokens_to_ids("[SEG]") == 151670
     assert torch.equal(model.vlm.model.language_model.layers[0].mlp.up_proj.weight,
                        qwen.model.language_model.layers[0].mlp.up_proj.weight)
     assert torch.equal(model.grounding_model.detr_decoder.query_embed.weight,

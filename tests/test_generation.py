@@ -1,5 +1,6 @@
 """Cached generation with query blocks opened at every phrase end."""
 
+import pytest
 import torch
 
 from instructsam_core.model.generation import generate
@@ -27,8 +28,8 @@ def test_two_phrases_each_get_a_query_block(tiny_model, tiny_tester):
     assert out.phrases[0].query_states.shape == (4, model.config.vlm["text_config"]["hidden_size"])
 
 
-def test_cached_query_states_equal_one_uncached_forward(tiny_model, tiny_tester):
-    model, tok = tiny_model
+def test_cached_query_states_equal_one_uncached_forward(consistent_model, tiny_tester):
+    model, tok = consistent_model
     inputs = tiny_tester.prepare_inputs(model, tok)
     out = generate(model, torch.tensor([inputs.prompt_ids]), inputs.vision, 40,
                    [ScriptedAnswer(_two_phrase_script(model, tok))])
@@ -61,11 +62,12 @@ def test_generation_stops_at_the_token_budget(tiny_model, tiny_tester):
     assert len(out.token_ids) == 5 and not out.phrases
 
 
-def test_cached_prompt_prefix_gives_the_same_answer(tiny_model, tiny_tester):
+@pytest.mark.parametrize("compat", ["release", "consistent"])
+def test_cached_prompt_prefix_gives_the_same_answer(compat, tiny_model, consistent_model, tiny_tester):
     from instructsam_core.model.generation import prefill_prefix
     from instructsam_core.processing import build_prompt_prefix_ids
 
-    model, tok = tiny_model
+    model, tok = tiny_model if compat == "release" else consistent_model
     inputs = tiny_tester.prepare_inputs(model, tok)
     prefix_ids = build_prompt_prefix_ids(tok, inputs.vision.embeds.shape[0], model.token_ids)
     assert inputs.prompt_ids[: len(prefix_ids)] == prefix_ids
@@ -83,8 +85,6 @@ def test_cached_prompt_prefix_gives_the_same_answer(tiny_model, tiny_tester):
 
 
 def test_prefix_of_another_frame_is_refused(tiny_model, tiny_tester):
-    import pytest
-
     from instructsam_core.model.generation import prefill_prefix
 
     model, tok = tiny_model
@@ -92,3 +92,39 @@ def test_prefix_of_another_frame_is_refused(tiny_model, tiny_tester):
     prefix = prefill_prefix(model, torch.tensor([inputs.prompt_ids[:3] + [7]]), None)
     with pytest.raises(ValueError, match="does not start with the cached prefix"):
         generate(model, torch.tensor([inputs.prompt_ids]), inputs.vision, 4, prefix=prefix)
+
+
+def test_release_layout_numbers_the_prompt_sequentially_and_shifts_the_block(tiny_model):
+    from instructsam_core.model.generation import _step_layout
+
+    model, _ = tiny_model
+    assert model.config.generation_compat == "release"
+    ids = model.token_ids
+    block = torch.tensor([[ids.ref_end, ids.mask_start] + [ids.seg] * 4 + [ids.mask_end]])
+    positions, mask = _step_layout(model, block, torch.tensor([20]), past_len=20, is_block=True)
+    assert positions[0, 0].tolist() == list(range(21, 28))  # one past the next position
+    assert torch.equal(positions[0], positions[1]) and torch.equal(positions[0], positions[2])
+    m = mask[0, 0, :, 20:]
+    assert not m[0, 1:].any() and not m[1, 2:].any()  # ref_end and mask_start stay causal
+    assert m[2:].all()  # the queries and mask_end see the whole block, mask_end included
+    positions, mask = _step_layout(model, block[:, :1], torch.tensor([20]), past_len=20, is_block=False)
+    assert positions[0, 0].tolist() == [20]
+
+
+def test_consistent_layout_continues_positions_and_hides_mask_end(consistent_model):
+    from instructsam_core.model.generation import _step_layout
+
+    model, _ = consistent_model
+    ids = model.token_ids
+    block = torch.tensor([[ids.ref_end, ids.mask_start] + [ids.seg] * 4 + [ids.mask_end]])
+    positions, mask = _step_layout(model, block, torch.tensor([20]), past_len=20, is_block=True)
+    assert positions[0, 0].tolist() == list(range(20, 27))
+    assert not mask[0, 0, 2:6, 26].any()  # queries do not see <|mask_end|>
+
+
+def test_release_mode_answers_with_phrases_too(tiny_model, tiny_tester):
+    model, tok = tiny_model
+    inputs = tiny_tester.prepare_inputs(model, tok)
+    out = generate(model, torch.tensor([inputs.prompt_ids]), inputs.vision, 40,
+                   [ScriptedAnswer(_two_phrase_script(model, tok))])
+    assert [tok.decode(p.token_ids[1:-1]) for p in out.phrases] == ["red mug", "blue cup"]

@@ -18,7 +18,7 @@ def test_offline_tokenizer_matches_qwen_ids(tok):
     assert encode_text(tok, "Hello, world!") == [9707, 11, 1879, 0]
     ids = token_ids_from_tokenizer(tok)
     assert (ids.ref_start, ids.ref_end, ids.image, ids.im_end) == (151646, 151647, 151655, 151645)
-    assert ids.seg == 151669 and ids.mask_start == 151671 and ids.mask_end == 151672
+    assert ids.seg == 151670 and ids.mask_start == 151671 and ids.mask_end == 151672
     assert tok.decode([9707, 11, 1879, 0]) == "Hello, world!"
 
 

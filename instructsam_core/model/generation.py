@@ -64,25 +64,52 @@ class PromptPrefix:
     next_position: torch.Tensor  # (1,) the position the token after the prefix takes
 
 
-def _extend(model: InstructSam, cache: DynamicCache, new_ids: torch.Tensor, next_pos: torch.Tensor,
-            past_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run text tokens `(1, Q)` (no image tokens) on top of a cache of `past_len` tokens.
-    Returns `(hidden (1, Q, H), next position)`."""
+def _step_layout(model: InstructSam, new_ids: torch.Tensor, next_pos: torch.Tensor, past_len: int,
+                 is_block: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions `(3, 1, Q)` and mask `(1, 1, Q, P + Q)` for text tokens fed on a cache.
+
+    "consistent": positions continue from `next_pos` and the hybrid mask applies, exactly
+    as in the teacher-forced forward. "release": as the released inference code runs, a
+    query block's positions start one past `next_pos`, and its queries (and
+    `<|mask_end|>`) see the whole block, `<|mask_end|>` included.
+    """
     q = new_ids.shape[1]
-    positions = (next_pos.view(1, 1, 1) + torch.arange(q, device=new_ids.device).view(1, 1, -1)).expand(3, 1, q)
+    release_block = is_block and model.config.generation_compat == "release"
+    start = next_pos + (1 if release_block else 0)
+    positions = (start.view(1, 1, 1) + torch.arange(q, device=new_ids.device).view(1, 1, -1)).expand(3, 1, q)
     mask = hybrid_attention_mask(new_ids == model.token_ids.seg,
                                  torch.ones(1, past_len + q, dtype=torch.bool, device=new_ids.device))
+    if release_block:
+        mask = mask.clone()
+        mask[:, :, 2:, past_len:] = True
+    return positions, mask
+
+
+def _extend(model: InstructSam, cache: DynamicCache, new_ids: torch.Tensor, next_pos: torch.Tensor,
+            past_len: int, is_block: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run text tokens `(1, Q)` (no image tokens) on top of a cache of `past_len` tokens.
+    Returns `(hidden (1, Q, H), next position)`."""
+    positions, mask = _step_layout(model, new_ids, next_pos, past_len, is_block)
     embeds, _, _ = model.embed(new_ids)
-    return model.run_language_model(embeds, mask, positions, cache), next_pos + q
+    return model.run_language_model(embeds, mask, positions, cache), next_pos + new_ids.shape[1]
 
 
 def _prefill(model: InstructSam, prompt_ids: torch.Tensor, vision: VisionTokens | None
              ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
-    """The whole prompt `(1, L)` (image included) into a fresh cache."""
+    """The whole prompt `(1, L)` (image included) into a fresh cache.
+
+    "consistent" uses Qwen3-VL's 3-D positions (as training does); "release" numbers every
+    token 0..L-1 on all three axes, as the released inference code does.
+    """
     ones = torch.ones_like(prompt_ids)
-    merge = model.vlm.config.vision_config.spatial_merge_size
-    positions, next_pos = mrope_positions(prompt_ids, ones, model.token_ids.image,
-                                          [vision.grid_thw if vision else None], merge)
+    if model.config.generation_compat == "release":
+        length = prompt_ids.shape[1]
+        positions = torch.arange(length, device=prompt_ids.device).view(1, 1, -1).expand(3, 1, -1)
+        next_pos = torch.tensor([length], device=prompt_ids.device)
+    else:
+        merge = model.vlm.config.vision_config.spatial_merge_size
+        positions, next_pos = mrope_positions(prompt_ids, ones, model.token_ids.image,
+                                              [vision.grid_thw if vision else None], merge)
     embeds, visual_pos_mask, deepstack = model.embed(prompt_ids, [vision])
     cache = DynamicCache(config=model.vlm.config.text_config)
     mask = hybrid_attention_mask(prompt_ids == model.token_ids.seg, ones.bool())
@@ -153,7 +180,8 @@ def generate(
             break
         new = block if token == ids.ref_end else [token]
         past = len(sequence)
-        hidden, next_pos = _extend(model, cache, torch.tensor([new], dtype=torch.long, device=device), next_pos, past)
+        hidden, next_pos = _extend(model, cache, torch.tensor([new], dtype=torch.long, device=device), next_pos, past,
+                                   is_block=token == ids.ref_end)
         sequence.extend(new)
         states.append(hidden[0])
         out.token_ids.extend(new)
