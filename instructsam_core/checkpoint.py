@@ -21,6 +21,7 @@ user's machine; since SAM3's architecture is fixed, its default config is used t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -212,21 +213,64 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
 
 
+def _pixel_bounds(directory: Path) -> dict[str, int]:
+    """Qwen3-VL resize bounds from a preprocessor_config.json, when the directory has one."""
+    file = directory / "preprocessor_config.json"
+    if not file.is_file():
+        return {}
+    with open(file) as f:
+        data = json.load(f)
+    size = data.get("size") or {}
+    low = data.get("min_pixels", size.get("shortest_edge"))
+    high = data.get("max_pixels", size.get("longest_edge"))
+    bounds = {}
+    if low is not None:
+        bounds["vlm_min_pixels"] = int(low)
+    if high is not None:
+        bounds["vlm_max_pixels"] = int(high)
+    return bounds
+
+
+@contextlib.contextmanager
+def _uninitialised(dtype: torch.dtype | None):
+    """Build modules without random initialisation, in `dtype`: every parameter is
+    overwritten by the strict load, so a 2B model is built in seconds and in half the memory."""
+    from transformers.initialization import no_init_weights
+
+    previous = torch.get_default_dtype()
+    try:
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        with no_init_weights():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[InstructSam, Any]:
     """Build the model from a checkpoint directory and load its weights and tokenizer.
 
-    Returns `(model in eval mode on device/dtype, tokenizer)`.
+    The model is built directly on `device` in `dtype` (default float32) without random
+    initialisation, then strictly loaded. Returns `(model in eval mode, tokenizer)`.
     """
     path = Path(directory)
     data = read_config(path)
     config = config_from_json(data, str(path / CONFIG_NAME))
+    if "instructsam" not in data:  # a released checkpoint: its processor config sets the resize
+        for name, value in _pixel_bounds(path).items():
+            setattr(config, name, value)
     tokenizer = load_tokenizer(str(path))
     token_ids = token_ids_from_tokenizer(tokenizer)
     if "seg_token_index" in data and int(data["seg_token_index"]) != token_ids.seg:
         raise CheckpointError(f"{path / CONFIG_NAME}: seg_token_index {data['seg_token_index']} but the "
                               f"tokenizer's [SEG] is {token_ids.seg}")
-    model = InstructSam(config, token_ids)
+    with _uninitialised(dtype or torch.float32), torch.device(device):
+        model = InstructSam(config, token_ids)
+    vlm_config = model.vlm.config
+    if getattr(vlm_config, "tie_word_embeddings", False) or vlm_config.text_config.tie_word_embeddings:
+        # Tying happens in the initialisation skipped above.
+        model.vlm.lm_head.weight = model.vlm.model.language_model.embed_tokens.weight
     load_weights(model, path)
     model.to(device=device, dtype=dtype).eval()
     return model, tokenizer

@@ -112,7 +112,7 @@ class Segmenter:
             log.warning(UNTRAINED_WARNING.format(name=path))
             untrained, default_mode = True, "instruction"
         else:
-            model, tokenizer = load_checkpoint(path, device="cpu")
+            model, tokenizer = load_checkpoint(path, device=dev, dtype=torch_dtype)
             untrained, default_mode = False, "generate"
         engine = create_backend(backend, model, dev, torch_dtype)
         return cls(engine, tokenizer, engine_config, checkpoint=str(path), is_untrained=untrained,
@@ -236,7 +236,8 @@ class Segmenter:
         head = self.backend.segment_phrases(self._frame, generation)
         self._synchronize()
         t2 = time.perf_counter()
-        phrases = [self.tokenizer.decode(p.token_ids[1:-1]).strip() for p in generation.phrases]
+        ref = (model.token_ids.ref_start, model.token_ids.ref_end)
+        phrases = [self.tokenizer.decode([t for t in p.token_ids if t not in ref]).strip() for p in generation.phrases]
         result = slots_to_result(head.mask_logits, head.scores(), phrases, self._image_size, threshold,
                                  self.config.mask_nms_iou, max_instances)
         t3 = time.perf_counter()

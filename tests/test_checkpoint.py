@@ -194,3 +194,22 @@ def test_start_from_base_qwen_and_sam3_directories(tmp_path):
                        sam.mask_decoder.instance_projection.weight)
     assert torch.count_nonzero(model.mask_queries) == 0
     assert not hasattr(model.grounding_model, "text_encoder")
+
+
+def test_released_preprocessor_config_sets_the_resize_bounds(tiny_checkpoint, tmp_path):
+    ckpt = _copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    data = json.loads((ckpt / "config.json").read_text())
+    data.pop("instructsam")  # as released: no embedded inference fields
+    (ckpt / "config.json").write_text(json.dumps(data))
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 4096, "longest_edge": 65536}, "patch_size": 16}))
+    model, _ = load_checkpoint(ckpt)
+    assert (model.config.vlm_min_pixels, model.config.vlm_max_pixels) == (4096, 65536)
+
+
+def test_load_in_bfloat16_builds_without_a_float32_copy(tiny_checkpoint):
+    model, _ = load_checkpoint(tiny_checkpoint, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    reference = load_file(str(tiny_checkpoint / "model.safetensors"))["model.mask_queries"]
+    assert torch.equal(model.mask_queries, reference.to(torch.bfloat16))
+    assert torch.get_default_dtype() == torch.float32  # restored
