@@ -1,0 +1,157 @@
+"""Every parameter of the perception node, declared in one place with descriptors.
+
+`PARAMETERS` is the single table: name, default, description, and either a numeric
+range (enforced by rclpy itself) or a list of allowed values (enforced by `validate`,
+which the node runs at configure time and in its on-set-parameters callback).
+Topic names are not parameters: remap them (`image:=/camera/color/image_raw`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+# Parameters read only when the node configures/activates (model and subscriptions are
+# built from them); changing one at runtime is accepted and takes effect on the next
+# deactivate -> activate (model) or cleanup -> configure (QoS, inputs).
+STATIC = {"checkpoint", "device", "dtype", "backend", "image_reliability", "image_qos_depth",
+          "compressed_input", "use_depth", "autostart"}
+
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+RELIABILITIES = ("best_effort", "reliable")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One parameter: default, description, and its numeric range or allowed values."""
+
+    default: Any
+    description: str
+    range: tuple[float, float] | None = None
+    choices: tuple[str, ...] | None = None
+    constraints: str = ""
+
+
+def backends() -> tuple[str, ...]:
+    """Engine backends that exist in this installation (asked from the engine)."""
+    try:
+        from instructsam_core.engine import Segmenter
+        return tuple(Segmenter.available_backends())
+    except ImportError:  # engine not importable: the node will fail at activate anyway
+        return ("eager",)
+
+
+def specs() -> dict[str, Spec]:
+    """The parameter table (a function so the backend list is asked at declaration)."""
+    return {
+        "checkpoint": Spec(
+            "", "InstructSAM checkpoint directory (config.json + safetensors + tokenizer), "
+            "or 'tiny' for the built-in tiny UNTRAINED test model. Required.",
+            constraints="existing directory, or a preset name the engine knows"),
+        "device": Spec("auto", "Torch device for the model: auto (cuda when available, "
+                       "else cpu), cpu, cuda or cuda:N.", constraints="auto|cpu|cuda|cuda:N"),
+        "dtype": Spec("auto", "Model weights/compute dtype; auto = the engine's choice "
+                      "(bfloat16 on GPU, float32 on CPU).", choices=DTYPES),
+        "backend": Spec("eager", "Inference backend of the engine.", choices=backends()),
+        "score_threshold": Spec(0.5, "Keep instances whose score (0..1) is at least this.",
+                                range=(0.0, 1.0)),
+        "max_instances": Spec(0, "Keep at most this many instances per frame, best first; "
+                              "0 = no limit.", range=(0, 1000)),
+        "image_reliability": Spec("best_effort", "QoS reliability of the image (and depth, "
+                                  "camera_info) subscriptions. best_effort matches camera "
+                                  "drivers' sensor-data QoS.", choices=RELIABILITIES),
+        "image_qos_depth": Spec(1, "QoS history depth of the image subscriptions. 1 keeps "
+                                "only the newest frame.", range=(1, 100)),
+        "compressed_input": Spec(False, "Subscribe to image/compressed "
+                                 "(sensor_msgs/CompressedImage, jpeg or png) instead of image."),
+        "use_depth": Spec(False, "Subscribe to depth and camera_info (depth aligned to the "
+                          "colour image) and fill the instances' 3D centroid and extent."),
+        "depth_sync_tolerance": Spec(0.02, "Largest stamp difference, in seconds, between a "
+                                     "colour frame and the depth/camera_info used for it.",
+                                     range=(0.0, 1.0)),
+        "publish_overlay": Spec(True, "Publish ~/overlay (bgr8 image with masks, boxes, "
+                                "scores, phrases and the instruction) for RViz."),
+        "publish_label_image": Spec(True, "Publish ~/label_image (mono16) and fill "
+                                    "InstanceSegmentation.label_image."),
+        "max_rate": Spec(0.0, "Process at most this many frames per second (extra frames are "
+                         "skipped and not counted as dropped); 0 = as fast as the model runs.",
+                         range=(0.0, 1000.0)),
+        "max_instruction_length": Spec(1000, "Longer instructions are cut to this many "
+                                       "characters (with a warning).", range=(1, 100000)),
+        "autostart": Spec(True, "Configure and activate at start-up; false leaves the "
+                          "lifecycle node unconfigured for a lifecycle manager."),
+    }
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The node's parameter values, typed."""
+
+    checkpoint: str = ""
+    device: str = "auto"
+    dtype: str = "auto"
+    backend: str = "eager"
+    score_threshold: float = 0.5
+    max_instances: int = 0
+    image_reliability: str = "best_effort"
+    image_qos_depth: int = 1
+    compressed_input: bool = False
+    use_depth: bool = False
+    depth_sync_tolerance: float = 0.02
+    publish_overlay: bool = True
+    publish_label_image: bool = True
+    max_rate: float = 0.0
+    max_instruction_length: int = 1000
+    autostart: bool = True
+
+    def with_values(self, values: dict[str, Any]) -> "Settings":
+        """A copy with some values replaced (unknown names are ignored)."""
+        names = {f.name for f in fields(self)}
+        return replace(self, **{k: v for k, v in values.items() if k in names})
+
+
+def validate(s: Settings) -> str | None:
+    """None when every value is acceptable, else a message naming the bad parameter."""
+    if not DEVICE_RE.match(s.device):
+        return f"device '{s.device}' is not one of auto, cpu, cuda, cuda:N"
+    table = specs()
+    for name in ("dtype", "backend", "image_reliability"):
+        choices = table[name].choices or ()
+        value = getattr(s, name)
+        if value not in choices:
+            return f"{name} '{value}' is not one of {', '.join(choices)}"
+    for name, spec in table.items():
+        if spec.range is not None:
+            lo, hi = spec.range
+            v = getattr(s, name)
+            if not lo <= v <= hi:
+                return f"{name} {v} is outside [{lo}, {hi}]"
+    return None
+
+
+def declare(node) -> Settings:
+    """Declare every parameter on `node` with its descriptor; return the values."""
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+
+    for name, spec in specs().items():
+        d = ParameterDescriptor(name=name, description=spec.description)
+        if spec.choices:
+            d.additional_constraints = "one of: " + ", ".join(spec.choices)
+        elif spec.constraints:
+            d.additional_constraints = spec.constraints
+        if spec.range is not None:
+            lo, hi = spec.range
+            if isinstance(spec.default, float):
+                d.floating_point_range = [FloatingPointRange(from_value=float(lo),
+                                                             to_value=float(hi), step=0.0)]
+            else:
+                d.integer_range = [IntegerRange(from_value=int(lo), to_value=int(hi), step=1)]
+        node.declare_parameter(name, spec.default, d)
+    return read(node)
+
+
+def read(node) -> Settings:
+    """Current parameter values of `node` as Settings."""
+    return Settings(**{f.name: node.get_parameter(f.name).value for f in fields(Settings)})

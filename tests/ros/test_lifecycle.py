@@ -1,0 +1,143 @@
+"""Lifecycle transitions, start-up failures, SIGINT, the installed executable, the demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ros_helpers import REPO, publish_until, wait_for, with_stamp
+
+NS = "/t_life"
+NODE = f"{NS}/instructsam"
+
+
+def _change(client, transition_id: int) -> bool:
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    req = ChangeState.Request(transition=Transition(id=transition_id))
+    return client.call(ChangeState, f"{NODE}/change_state", req, timeout=120).success
+
+
+def test_manual_lifecycle_without_autostart(start_node, client, make_image):
+    from instructsam_ros.msg import InstanceSegmentation
+    from instructsam_ros.qos import instruction_qos, output_qos
+    from lifecycle_msgs.msg import Transition
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import String
+
+    node = start_node(NS, {"autostart": False})
+    assert wait_for(lambda: node.state(client, timeout=2.0), 60, what="get_state") == "unconfigured"
+    results = client.collector(InstanceSegmentation, f"{NODE}/instances")
+    image = client.node.create_publisher(Image, f"{NS}/image", output_qos())
+    instr = client.node.create_publisher(String, "/instruction", instruction_qos())
+    instr.publish(String(data="the yellow banana"))  # latched: reaches the node at configure
+    try:
+        assert _change(client, Transition.TRANSITION_CONFIGURE)
+        assert node.state(client) == "inactive"
+        msg, _ = make_image(stamp=(700, 0))
+        for _ in range(3):
+            image.publish(msg)
+            time.sleep(0.2)
+        assert not results  # inactive: not subscribed, nothing published
+
+        assert _change(client, Transition.TRANSITION_ACTIVATE)
+        assert node.state(client) == "active"
+        r = publish_until(image, make_image(stamp=(701, 0))[0], with_stamp(results, (701, 0)))
+        assert r.instruction == "the yellow banana"  # the late joiner got the latched one
+
+        assert _change(client, Transition.TRANSITION_DEACTIVATE)
+        assert node.state(client) == "inactive"
+        assert "deactivated: model unloaded" in node.log()
+        n = len(results)
+        for _ in range(3):
+            image.publish(make_image(stamp=(702, 0))[0])
+            time.sleep(0.2)
+        assert len(results) == n
+
+        assert _change(client, Transition.TRANSITION_ACTIVATE)  # reloads the model
+        publish_until(image, make_image(stamp=(703, 0))[0], with_stamp(results, (703, 0)))
+        assert _change(client, Transition.TRANSITION_DEACTIVATE)
+        assert _change(client, Transition.TRANSITION_CLEANUP)
+        assert node.state(client) == "unconfigured"
+    finally:
+        client.node.destroy_publisher(instr)
+        client.node.destroy_publisher(image)
+    assert node.stop() == 0
+
+
+def _run_node(args, env=None, timeout=120):
+    cmd = [sys.executable, "-m", "instructsam_ros.perception_node", "--ros-args", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_missing_checkpoint_is_a_fatal_error_naming_the_path():
+    r = _run_node(["-r", "__ns:=/t_bad", "-p", "checkpoint:=/nonexistent/InstructSAM-2B",
+                   "-p", "device:=cpu"])
+    assert r.returncode == 1
+    assert "cannot load the InstructSAM model from checkpoint '/nonexistent/InstructSAM-2B'" in r.stderr
+    assert "FATAL" in r.stderr
+
+
+def test_empty_checkpoint_and_bad_parameter_fail_clearly():
+    r = _run_node(["-r", "__ns:=/t_bad2"])
+    assert r.returncode == 1 and "parameter 'checkpoint' is empty" in r.stderr
+    r = _run_node(["-r", "__ns:=/t_bad3", "-p", "checkpoint:=tiny", "-p", "device:=gpu0"])
+    assert r.returncode == 1 and "device 'gpu0'" in r.stderr
+
+
+def test_sigint_shuts_down_cleanly(start_node, client):
+    node = start_node("/t_sigint")
+    node.wait_active(client)
+    t0 = time.monotonic()
+    assert node.stop(timeout=20) == 0
+    assert time.monotonic() - t0 < 10
+    assert "Traceback" not in node.log()
+
+
+def test_installed_executable_runs_from_the_install_prefix(tmp_path):
+    """`ros2 run instructsam_ros perception_node` runs lib/instructsam_ros/perception_node."""
+    import instructsam_ros.msg as generated
+
+    site = Path(generated.__file__).resolve().parents[2]  # <prefix>/lib/python3.11/site-packages
+    prefix = site.parents[2]
+    exe = prefix / "lib" / "instructsam_ros" / "perception_node"
+    assert exe.is_file() and os.access(exe, os.X_OK)
+    for sub in ("launch/perception.launch.py", "config/perception.yaml", "rviz/perception.rviz",
+                "msg/InstanceSegmentation.msg", "srv/Segment.srv"):
+        assert (prefix / "share" / "instructsam_ros" / sub).is_file(), sub
+    # Only the install prefix (plus instructsam_core) on the path: not the checkout.
+    import instructsam_core
+
+    core = tmp_path / "core"
+    core.mkdir()
+    (core / "instructsam_core").symlink_to(Path(instructsam_core.__file__).parent)
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{core}")
+    r = subprocess.run([str(exe), "--ros-args", "-r", "__ns:=/t_exe",
+                        "-p", "checkpoint:=/nonexistent/ckpt", "-p", "device:=cpu"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "checkpoint '/nonexistent/ckpt'" in r.stderr
+    probe = subprocess.run([sys.executable, "-c", "import instructsam_ros, instructsam_ros.msg, "
+                            "instructsam_ros.perception_node as n; print(n.__file__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip().startswith(str(site))
+
+
+def test_demo_runs_end_to_end_and_writes_overlays(tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "instructsam_ros.demo", "--frames", "2",
+                        "--size", "96x128", "--out", str(out)], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "UNTRAINED" in r.stdout and "2/2 frames answered" in r.stdout
+    pngs = sorted(out.glob("overlay_*.png"))
+    assert len(pngs) == 2
+    from PIL import Image
+
+    assert Image.open(pngs[0]).size == (128, 96)

@@ -1,0 +1,217 @@
+"""Compressed input, depth + camera_info synchronisation, 3D fields, and ~/segment.
+
+One node subprocess (namespace /t_depth) with compressed_input and use_depth on.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import time
+
+import numpy as np
+import pytest
+
+from ros_helpers import publish_until, stamp_of, wait_for, with_stamp
+
+NS = "/t_depth"
+NODE = f"{NS}/instructsam"
+H, W = 60, 80
+FX = FY = 80.0
+CX, CY = 40.0, 30.0
+DEPTH_MM = 1500
+
+
+@pytest.fixture(scope="module")
+def node(start_node, client):
+    proc = start_node(NS, {"compressed_input": True, "use_depth": True,
+                           "depth_sync_tolerance": 0.01})
+    proc.wait_active(client)
+    return proc
+
+
+def _header(stamp, frame_id):
+    from std_msgs.msg import Header
+
+    h = Header(frame_id=frame_id)
+    h.stamp.sec, h.stamp.nanosec = stamp
+    return h
+
+
+def _compressed(stamp, rgb, fmt="png"):
+    from PIL import Image
+    from sensor_msgs.msg import CompressedImage
+
+    buf = _io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt.upper())
+    return CompressedImage(header=_header(stamp, "cam_color_optical"), format=fmt,
+                           data=buf.getvalue())
+
+
+def _depth(stamp, mm=DEPTH_MM, encoding="16UC1"):
+    from instructsam_ros.conversions import numpy_to_image
+
+    if encoding == "16UC1":
+        arr = np.full((H, W), mm, np.uint16)
+        arr[0, :] = 0  # an invalid row: ignored
+    else:
+        arr = np.full((H, W), mm / 1000.0, np.float32)
+        arr[0, :] = np.nan
+    return numpy_to_image(arr, encoding, _header(stamp, "cam_depth_optical"))
+
+
+def _info(stamp):
+    from sensor_msgs.msg import CameraInfo
+
+    info = CameraInfo(header=_header(stamp, "cam_depth_optical"), height=H, width=W)
+    info.k = [FX, 0.0, CX, 0.0, FY, CY, 0.0, 0.0, 1.0]
+    return info
+
+
+@pytest.fixture(scope="module")
+def io(node, client):
+    from instructsam_ros.msg import InstanceSegmentation
+    from instructsam_ros.qos import instruction_qos, output_qos
+    from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+    from std_msgs.msg import String
+
+    n = client.node
+    io = type("IO", (), {})()
+    io.image = n.create_publisher(CompressedImage, f"{NS}/image/compressed", output_qos())
+    io.depth = n.create_publisher(Image, f"{NS}/depth", output_qos())
+    io.info = n.create_publisher(CameraInfo, f"{NS}/camera_info", output_qos())
+    io.instruction = n.create_publisher(String, "/instruction", instruction_qos())
+    io.results = client.collector(InstanceSegmentation, f"{NODE}/instances")
+    io.instruction.publish(String(data="the green apple"))
+    for pub in (io.image, io.depth, io.info):
+        wait_for(lambda: pub.get_subscription_count() > 0, 30, what="subscriptions")
+    yield io
+    n.destroy_publisher(io.instruction)
+
+
+def _scene(seed=0):
+    from instructsam_ros.demo import draw_scene
+
+    return draw_scene((H, W), seed)
+
+
+def test_compressed_frame_with_matching_depth_gets_3d_positions(io):
+    stamp = (500, 1000)
+
+    def send_and_check():
+        io.info.publish(_info(stamp))
+        io.depth.publish(_depth(stamp))
+        io.image.publish(_compressed(stamp, _scene()))
+        time.sleep(0.3)  # depth first, so the frame finds it
+        return with_stamp(io.results, stamp)()
+
+    result = wait_for(send_and_check, 60, interval=0.0, what="a result with depth")
+    assert result.header.frame_id == "cam_color_optical"
+    assert result.depth_frame_id == "cam_depth_optical"
+    assert result.instances
+    for inst in result.instances:
+        assert inst.has_position
+        assert inst.centroid.z == pytest.approx(DEPTH_MM / 1000.0, abs=1e-6)
+        # centroid x/y: back-projection of the median pixel of the mask (rows >= 1)
+        ys, xs = np.mgrid[inst.roi.y_offset:inst.roi.y_offset + inst.roi.height,
+                          inst.roi.x_offset:inst.roi.x_offset + inst.roi.width]
+        crop = np.frombuffer(bytes(inst.mask.data), np.uint8).reshape(inst.mask.height, -1) > 0
+        valid = crop & (ys >= 1)
+        assert inst.depth_points == valid.sum()
+        assert inst.centroid.x == pytest.approx((np.median(xs[valid]) - CX) * 1.5 / FX, abs=1e-6)
+        assert inst.centroid.y == pytest.approx((np.median(ys[valid]) - CY) * 1.5 / FY, abs=1e-6)
+        assert inst.extent.z == pytest.approx(0.0, abs=1e-6) and inst.extent.x > 0
+
+
+def test_depth_outside_the_tolerance_is_not_used(io, node):
+    stamp = (501, 0)
+    far = (501, 50_000_000)  # 50 ms away; tolerance is 10 ms
+    io.depth.publish(_depth(far))
+    io.info.publish(_info(far))
+    time.sleep(0.3)
+    result = publish_until(io.image, _compressed(stamp, _scene(1)), with_stamp(io.results, stamp))
+    assert result.instances and result.depth_frame_id == ""
+    assert not any(i.has_position for i in result.instances)
+    wait_for(lambda: "no depth/camera_info within 0.01 s" in node.log(), 10,
+             what="the sync warning")
+
+
+def test_jpeg_is_accepted_and_malformed_compressed_is_skipped(io, node):
+    from sensor_msgs.msg import CompressedImage
+
+    bad_stamp = (502, 0)
+    bad = CompressedImage(header=_header(bad_stamp, "cam_color_optical"), format="jpeg",
+                          data=b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    for _ in range(3):
+        io.image.publish(bad)
+        time.sleep(0.1)
+    wait_for(lambda: "malformed compressed image" in node.log(), 20, what="the warning")
+    stamp = (503, 0)
+    good = publish_until(io.image, _compressed(stamp, _scene(2), "jpeg"),
+                         with_stamp(io.results, stamp))
+    assert good.instances and with_stamp(io.results, bad_stamp)() is None
+
+
+def _request(stamp=(600, 7), depth=True, instruction="the blue bowl", ident=4242):
+    from instructsam_ros.conversions import numpy_to_image
+    from instructsam_ros.srv import Segment
+
+    req = Segment.Request()
+    req.image = numpy_to_image(_scene(3), "rgb8", _header(stamp, "cam_color_optical"))
+    if depth:
+        req.depth = _depth(stamp, mm=800, encoding="32FC1")
+        req.camera_info = _info(stamp)
+    req.instruction = instruction
+    req.instruction_id = ident
+    req.score_threshold = 0.0
+    return req
+
+
+def test_segment_service_answers_with_the_requesters_id_and_3d(node, client):
+    from instructsam_ros.srv import Segment
+
+    resp = client.call(Segment, f"{NODE}/segment", _request())
+    assert resp.success, resp.message
+    r = resp.result
+    assert r.instruction_id == 4242 and r.instruction == "the blue bowl"
+    assert stamp_of(r) == (600, 7) and r.header.frame_id == "cam_color_optical"
+    assert r.instances and all(i.has_position for i in r.instances)
+    assert r.instances[0].centroid.z == pytest.approx(0.8, abs=1e-6)
+    assert (r.label_image.height, r.label_image.width) == (H, W)
+    assert r.frames_dropped == 0
+
+
+def test_segment_service_score_threshold_one_finds_nothing_but_succeeds(node, client):
+    from instructsam_ros.srv import Segment
+
+    req = _request(depth=False)
+    req.score_threshold = 1.0
+    resp = client.call(Segment, f"{NODE}/segment", req)
+    assert resp.success and len(resp.result.instances) == 0
+    labels = np.frombuffer(bytes(resp.result.label_image.data), np.uint16)
+    assert labels.size == H * W and not labels.any()
+
+
+@pytest.mark.parametrize("problem,expected", [
+    ("encoding", "unsupported colour encoding 'bayer_rggb8'"),
+    ("instruction", "instruction is empty"),
+    ("depth size", "depth is 80x30 but the image is 80x60"),
+    ("camera_info", "invalid focal lengths"),
+])
+def test_segment_service_rejects_bad_requests_and_keeps_serving(node, client, problem,
+                                                               expected):
+    from instructsam_ros.conversions import numpy_to_image
+    from instructsam_ros.srv import Segment
+
+    req = _request()
+    if problem == "encoding":
+        req.image.encoding = "bayer_rggb8"
+    elif problem == "instruction":
+        req.instruction = "   "
+    elif problem == "depth size":
+        req.depth = numpy_to_image(np.full((30, W), 1000, np.uint16), "16UC1", req.depth.header)
+    else:
+        req.camera_info.k = [0.0] * 9
+    resp = client.call(Segment, f"{NODE}/segment", req)
+    assert not resp.success and expected in resp.message
+    ok = client.call(Segment, f"{NODE}/segment", _request(depth=False))
+    assert ok.success and ok.result.instances
