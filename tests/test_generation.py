@@ -108,7 +108,7 @@ def test_release_layout_numbers_the_prompt_sequentially_and_shifts_the_block(tin
     assert not m[0, 1:].any() and not m[1, 2:].any()  # ref_end and mask_start stay causal
     assert m[2:].all()  # the queries and mask_end see the whole block, mask_end included
     positions, mask = _step_layout(model, block[:, :1], torch.tensor([20]), past_len=20, is_block=False)
-    assert positions[0, 0].tolist() == [20]
+    assert positions[0, 0].tolist() == [20] and mask is None  # one token: plain causal
 
 
 def test_consistent_layout_continues_positions_and_hides_mask_end(consistent_model):

@@ -66,7 +66,8 @@ class PromptPrefix:
 
 def _step_layout(model: InstructSam, new_ids: torch.Tensor, next_pos: torch.Tensor, past_len: int,
                  is_block: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions `(3, 1, Q)` and mask `(1, 1, Q, P + Q)` for text tokens fed on a cache.
+    """Positions `(3, 1, Q)` and mask `(1, 1, Q, P + Q)` (None for a single token) for text
+    tokens fed on a cache.
 
     "consistent": positions continue from `next_pos` and the hybrid mask applies, exactly
     as in the teacher-forced forward. "release": as the released inference code runs, a
@@ -77,6 +78,8 @@ def _step_layout(model: InstructSam, new_ids: torch.Tensor, next_pos: torch.Tens
     release_block = is_block and model.config.generation_compat == "release"
     start = next_pos + (1 if release_block else 0)
     positions = (start.view(1, 1, 1) + torch.arange(q, device=new_ids.device).view(1, 1, -1)).expand(3, 1, q)
+    if q == 1:
+        return positions, None  # one new token sees the whole cache: the plain causal case
     mask = hybrid_attention_mask(new_ids == model.token_ids.seg,
                                  torch.ones(1, past_len + q, dtype=torch.bool, device=new_ids.device))
     if release_block:
@@ -90,7 +93,7 @@ def _extend(model: InstructSam, cache: DynamicCache, new_ids: torch.Tensor, next
     """Run text tokens `(1, Q)` (no image tokens) on top of a cache of `past_len` tokens.
     Returns `(hidden (1, Q, H), next position)`."""
     positions, mask = _step_layout(model, new_ids, next_pos, past_len, is_block)
-    embeds, _, _ = model.embed(new_ids)
+    embeds = model.embed_text(new_ids, num_blocks=1 if is_block else 0)
     return model.run_language_model(embeds, mask, positions, cache), next_pos + new_ids.shape[1]
 
 

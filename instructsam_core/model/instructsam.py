@@ -237,12 +237,27 @@ class InstructSam(nn.Module):
         deepstack = [torch.cat(layer).to(embeds.dtype) for layer in zip(*(v.deepstack for v in tokens))]
         return embeds, is_image, deepstack
 
+    def embed_text(self, input_ids: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        """Embeddings of text tokens (no image) holding `num_blocks` query blocks.
+
+        The decode loop's fast path: the caller knows the block count, so nothing is
+        counted on the device (no host-device synchronisation per token).
+        """
+        embeds = self.language_model.embed_tokens(input_ids)
+        if num_blocks:
+            queries = self.mask_queries.to(embeds.dtype).repeat(num_blocks, 1)
+            embeds = embeds.masked_scatter((input_ids == self.token_ids.seg)[..., None], queries)
+        return embeds
+
     def run_language_model(self, inputs_embeds, attention_mask_4d, position_ids, past_key_values=None,
                            visual_pos_mask=None, deepstack=None) -> torch.Tensor:
-        """The stock Qwen3-VL text stack with a prepared 4-D mask; returns `(B, L, H)` states."""
+        """The stock Qwen3-VL text stack with a prepared 4-D mask (None: plain causal);
+        returns `(B, L, H)` states."""
+        if attention_mask_4d is not None:
+            attention_mask_4d = as_attention_bias(attention_mask_4d, self.attn_implementation, inputs_embeds.dtype)
         out = self.language_model(
             inputs_embeds=inputs_embeds,
-            attention_mask=as_attention_bias(attention_mask_4d, self.attn_implementation, inputs_embeds.dtype),
+            attention_mask=attention_mask_4d,
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=past_key_values is not None,
