@@ -245,6 +245,7 @@ class Segmenter:
         timings["total"] = sum(timings.values())
         result.timings = timings
         result.generated_text = generated_text
+        result.target_phrases = phrases
         return result
 
     def segment_image(self, image: np.ndarray, instruction: str, key: Hashable | None = None, **kwargs) -> Result:

@@ -31,6 +31,8 @@ class Result:
         timings: seconds per stage (`image_encode`, `generate`, `mask_head`,
             `postprocess`, `total`); `image_encode` is 0 when the frame was cached.
         generated_text: the model's full answer text (phrases with their tokens).
+        target_phrases: every phrase the answer named, in order; `phrase_indices` index
+            it. Kept when no instance survives, so "looked for X, found none" is visible.
     """
 
     masks: np.ndarray
@@ -42,6 +44,7 @@ class Result:
     image_size: tuple[int, int]
     timings: dict[str, float] = field(default_factory=dict)
     generated_text: str = ""
+    target_phrases: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -72,6 +75,7 @@ class Result:
         return {
             "image_size": list(self.image_size),
             "generated_text": self.generated_text,
+            "target_phrases": list(self.target_phrases),
             "timings_ms": {k: round(v * 1e3, 3) for k, v in self.timings.items()},
             "instances": [
                 {

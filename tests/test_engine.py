@@ -53,6 +53,7 @@ def test_new_key_reencodes(tiny_segmenter, image):
 def test_threshold_one_gives_no_target(tiny_segmenter, image):
     r = tiny_segmenter.segment_image(image, "the mug", score_threshold=1.0)
     assert len(r) == 0 and r.masks.shape == (0, 72, 96)
+    assert r.target_phrases == ["the mug"]  # what was looked for survives an empty answer
 
 
 @pytest.mark.parametrize("instruction, message", [
@@ -96,6 +97,8 @@ def test_generate_mode_with_a_scripted_answer(tiny_checkpoint, image):
     seg.set_image(image)
     r = seg.segment("the red mug and the pear", score_threshold=0.0, logits_processors=[ScriptedAnswer(script)])
     assert set(r.phrases) <= {"red mug", "pear"} and len(r) > 0
+    assert r.target_phrases == ["red mug", "pear"]
+    assert all(r.target_phrases[i] == p for i, p in zip(r.phrase_indices, r.phrases))
     assert "<|object_ref_start|>red mug<|object_ref_end|>" in r.generated_text
 
 
