@@ -17,6 +17,10 @@ any benchmark agree to 1e-9:
   VOC all-point AP; mAP over ``np.linspace(0.5, 0.95, 10)``. A query without GT yields
   only false positives; with no GT at all AP is 0.
 - Averages over an empty set raise; N-acc/T-acc with a zero denominator are NaN.
+- A failed sample (bad data, engine error) scores IoU 0 and is always wrong in the
+  no-target confusion: a false negative when its GT is empty (against N-acc), a false
+  positive when it has a target (against T-acc). ``empty_pred_rate`` is over the samples
+  that ran (failures left out).
 
 Everything here is streaming: accumulators take one sample at a time and keep only
 per-sample numbers (and, for mAP, each query's small prediction x GT IoU matrix), never
@@ -180,8 +184,11 @@ class SampleScores:
         intersection, union: their pixel counts (for cIoU).
         box_iou: IoU of the predicted union mask's tight box with the GT box.
         gt_empty: the GT has no target (the no-target class of GRES).
-        pred_empty: the prediction is empty ("no target" predicted).
-        failed: the sample could not be evaluated (bad data or engine error): IoU 0.
+        pred_empty: the prediction is empty ("no target" predicted). A failed sample
+            carries True here (its empty prediction enters cIoU), but the accumulator
+            never takes it for a "no target" answer.
+        failed: the sample could not be evaluated (bad data or engine error): IoU 0,
+            and wrong in the no-target confusion whatever its GT.
     """
 
     iou: float
@@ -237,7 +244,9 @@ def failed_sample(gt_area: int = 0, gt_empty: bool = False) -> SampleScores:
     """Scores of a failed sample: IoU 0, box IoU 0, empty prediction.
 
     `gt_area` (the GT pixels, when the GT could be read) enters the cIoU union, as the
-    empty prediction it stands for would.
+    empty prediction it stands for would. `SegmentationAccumulator` counts it as wrong
+    in the no-target confusion (FN if `gt_empty`, else FP) and leaves it out of
+    ``empty_pred_rate``.
     """
     return SampleScores(
         iou=0.0, intersection=0, union=int(gt_area), box_iou=0.0,
@@ -260,7 +269,7 @@ class SegmentationAccumulator:
         self._failures = 0
         # GRES no-target confusion: positive = GT has no target.
         self._tp = self._fn = self._tn = self._fp = 0
-        self._pred_empty = 0
+        self._pred_empty = 0  # among samples that ran (not failed)
 
     def __len__(self) -> int:
         return len(self._iou)
@@ -280,6 +289,13 @@ class SegmentationAccumulator:
         self._inter += int(s.intersection)
         self._union += int(s.union)
         self._failures += bool(s.failed)
+        if s.failed:
+            # a failure answered nothing: always wrong, never a "no target" hit
+            if s.gt_empty:
+                self._fn += 1
+            else:
+                self._fp += 1
+            return
         self._pred_empty += bool(s.pred_empty)
         if s.gt_empty:
             if s.pred_empty:
@@ -296,8 +312,9 @@ class SegmentationAccumulator:
 
         Keys: ``n``, ``failures``, ``mean_iou`` (mIoU = gIoU), ``ciou`` (sum I / sum U;
         NaN if the summed union is 0), ``p@0.5``/``p@0.7``/``p@0.9``, ``box_acc@0.5``,
-        ``box_miou``, ``empty_pred_rate``, ``n_acc``, ``t_acc`` (NaN without
-        no-target / target samples).
+        ``box_miou``, ``empty_pred_rate`` (share of empty predictions among the samples
+        that ran, failures left out; NaN if all failed), ``n_acc``, ``t_acc`` (NaN
+        without no-target / target samples; a failure counts as wrong in both).
 
         Raises:
             ValueError: no sample was added.
@@ -314,7 +331,7 @@ class SegmentationAccumulator:
             out[f"p@{t:g}"] = _mean(iou >= t, f"P@{t:g}")
         out[f"box_acc@{BOX_ACC_THRESHOLD:g}"] = _mean(box > BOX_ACC_THRESHOLD, "box accuracy")
         out["box_miou"] = _mean(box, "box IoU")
-        out["empty_pred_rate"] = self._pred_empty / iou.size
+        out["empty_pred_rate"] = _ratio_or_nan(self._pred_empty, iou.size - self._failures)
         out["n_acc"] = _ratio_or_nan(self._tp, self._tp + self._fn)
         out["t_acc"] = _ratio_or_nan(self._tn, self._tn + self._fp)
         return out

@@ -106,3 +106,41 @@ def test_label_png_keeps_each_instance_and_earlier_wins_overlaps(tmp_path):
     assert label.dtype == np.uint8
     assert label[1, 1] == 1 and label[2, 2] == 2 and label[3, 3] == 3 and label[3, 0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.png"]  # no temporary left
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_png_mask_alpha_band_is_not_foreground(tmp_path, mode):
+    fg = np.zeros((6, 8), bool)
+    fg[1:3, 2:5] = True
+    bands = 4 if mode == "RGBA" else 2
+    arr = np.zeros((6, 8, bands), np.uint8)
+    arr[..., -1] = 255               # opaque everywhere, background included
+    arr[fg, :-1] = 255               # white object
+    path = tmp_path / "m.png"
+    Image.fromarray(arr, mode).save(path)
+    assert Image.open(path).mode == mode
+    mask, ignore = read_png_mask(path)
+    np.testing.assert_array_equal(mask, fg)
+    assert int(mask.sum()) == 6 and ignore is None
+    # transparent object pixels with a colour still count (alpha plays no part)
+    arr[..., -1] = 0
+    Image.fromarray(arr, mode).save(path)
+    np.testing.assert_array_equal(read_png_mask(path)[0], fg)
+
+
+def test_png_mask_255_is_ignore_only_in_the_0_1_255_layout(tmp_path):
+    lisa = np.zeros((5, 5), np.uint8)
+    lisa[0, :] = 1      # foreground
+    lisa[4, :] = 255    # ignored
+    Image.fromarray(lisa).save(tmp_path / "lisa.png")
+    mask, ignore = read_png_mask(tmp_path / "lisa.png", ignore_value=255)
+    np.testing.assert_array_equal(mask, lisa == 1)
+    np.testing.assert_array_equal(ignore, lisa == 255)
+
+    binary = np.zeros((5, 5), np.uint8)
+    binary[1:3, 1:4] = 255  # a plain 0/255 mask: 255 is the object
+    Image.fromarray(binary).save(tmp_path / "binary.png")
+    mask, ignore = read_png_mask(tmp_path / "binary.png", ignore_value=255)
+    np.testing.assert_array_equal(mask, binary == 255)
+    assert int(mask.sum()) == 6
+    assert ignore is not None and not ignore.any()

@@ -219,3 +219,63 @@ def test_reasonseg_png_gt_ignores_255(tmp_path):
     gt = read_reasonseg(path, tmp_path)[0].load_gt()
     np.testing.assert_array_equal(gt.union, [[False, True, False, True]])
     np.testing.assert_array_equal(gt.ignore, [[False, False, True, False]])
+
+
+def test_reasonseg_binary_0_255_png_is_foreground_not_ignored(tmp_path):
+    from PIL import Image
+    Image.fromarray(np.array([[0, 255, 255, 0]], np.uint8)).save(tmp_path / "m.png")
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([{"image": "x.png", "question": "the cup", "is_sentence": False, "mask": "m.png"}]))
+    gt = read_reasonseg(path, tmp_path)[0].load_gt()
+    np.testing.assert_array_equal(gt.union, [[False, True, True, False]])
+    assert gt.ignore is None or not gt.ignore.any()
+
+
+def test_qa_duplicate_ids_are_rejected(tmp_path):
+    path, _ = write_roborefit_qa(tmp_path, n=2)
+    recs = json.loads(path.read_text())
+    recs[0]["id"] = recs[1]["id"] = "same"
+    path.write_text(json.dumps(recs))
+    with pytest.raises(FormatError, match=r"\[1\]: duplicate id 'same'"):
+        read_roborefit(path, tmp_path)
+
+
+def test_plain_masks_list_of_pngs_and_rles_is_one_gt(tmp_path):
+    from PIL import Image
+    a, b = rect_mask((4, 6), (0, 0, 1, 1)), rect_mask((4, 6), (4, 2, 5, 3))
+    Image.fromarray(a.astype(np.uint8) * 255).save(tmp_path / "a.png")
+    Image.fromarray(b.astype(np.uint8) * 255).save(tmp_path / "b.png")
+    recs = [
+        {"image": "x.png", "text": "both", "masks": ["a.png", "b.png"]},
+        {"image": "x.png", "text": "both rle", "masks": [rle_encode(a), rle_encode(b)]},
+        {"image": "x.png", "text": "one", "masks": "a.png"},
+        {"image": "x.png", "text": "none", "masks": [], "height": 4, "width": 6},
+    ]
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(recs))
+    assert detect_roborefit_format(path) == "plain"
+    s = read_roborefit(path, tmp_path)
+    for x in s[:2]:
+        assert x.load_gt is not None  # not silently predict-only
+        gt = x.load_gt()
+        assert gt.instances.shape == (2, 4, 6)
+        np.testing.assert_array_equal(gt.union, a | b)
+    np.testing.assert_array_equal(s[2].load_gt().union, a)
+    none = s[3].load_gt()
+    assert none.instances.shape == (0, 4, 6) and none.size == (4, 6)  # no target
+    path.write_text(json.dumps([{"image": "x.png", "text": "t", "mask": "a.png", "masks": ["b.png"]}]))
+    with pytest.raises(FormatError, match="both 'mask' and 'masks'"):
+        read_plain(path, tmp_path)
+
+
+def test_empty_expression_fails_only_its_sample_at_read_time(tmp_path):
+    lines = [{"image": "a.png", "text": "the cup"}, {"image": "b.png", "text": "  ''  "}]
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    ok, empty = read_plain(path, tmp_path)
+    assert ok.error is None and ok.instruction.startswith("The cup.")
+    assert empty.error == "empty expression text" and empty.instruction == ""
+    inst = tmp_path / "i.json"
+    inst.write_text(json.dumps([{"image": "x.png", "height": 2, "width": 2,
+                                 "annotation": [{"text": ""}, {"text": "a"}]}]))
+    assert [x.error for x in read_inst2seg(inst, tmp_path)] == ["empty expression text", None]

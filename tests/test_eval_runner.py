@@ -259,3 +259,111 @@ def test_cli_reports_bad_question_files_without_loading_a_model(tmp_path, capsys
         roborefit.main(["--checkpoint", "tiny", "--output-dir", str(tmp_path / "o"), "--shard", "2/2",
                         "--data-root", str(tmp_path)])
     assert "0-based" in capsys.readouterr().err
+
+
+class FlakyPredictor(StubPredictor):
+    """Fails every query while `failing` is set."""
+
+    failing = True
+
+    def segment_image(self, image, instruction, key=None, *, score_threshold=0.5):
+        if self.failing:
+            self.calls.append(instruction)
+            raise RuntimeError("cuda out of memory")
+        return super().segment_image(image, instruction, key, score_threshold=score_threshold)
+
+
+def test_unsharded_retry_success_beats_older_failure_in_a_later_sorting_shard_log(tmp_path, official):
+    _, samples = official
+    cfg = _cfg(tmp_path, shard=(1, 2))
+    bad = FlakyPredictor()
+    stats = run_split(bad, samples, cfg)
+    assert (stats.ran, stats.failed) == (2, 2)
+    # samples.jsonl sorts before samples.shard-1-of-2.jsonl: file order would keep the failures
+    assert sorted(p.name for p in cfg.split_dir.glob("samples*.jsonl")) == ["samples.shard-1-of-2.jsonl"]
+    good = FlakyPredictor()
+    good.failing = False
+    cfg.shard, cfg.retry_failed = None, True
+    stats = run_split(good, samples, cfg)
+    assert (stats.selected, stats.skipped, stats.ran, stats.failed) == (4, 0, 4, 0)
+    recs = read_split_logs(cfg.split_dir)
+    assert {r["status"] for r in recs.values()} == {"ok"}
+    s = _summary(roborefit.SPEC, cfg, samples)
+    assert s["failures"] == 0 and s["failed_samples"] == [] and s["complete"]
+    assert s["metrics"]["failures"] == 0
+    again = FlakyPredictor()
+    stats = run_split(again, samples, cfg)  # retry_failed still on: nothing failed is left
+    assert (stats.skipped, stats.ran) == (4, 0) and again.calls == []
+
+
+def test_every_logged_record_has_an_increasing_sequence_stamp(tmp_path, official):
+    _, samples = official
+    cfg = _cfg(tmp_path)
+    run_split(StubPredictor(), samples, cfg)
+    stamps = [r["logged_ns"] for r in read_log(cfg.split_dir / "samples.jsonl")]
+    assert len(stamps) == 4 and all(isinstance(v, int) for v in stamps)
+    assert stamps == sorted(stamps) and len(set(stamps)) == 4
+
+
+def test_legacy_records_without_stamp_load_ok_beats_failed_and_stamped_beats_legacy(tmp_path):
+    d = tmp_path / "split"
+    d.mkdir()
+    (d / "samples.jsonl").write_text(
+        json.dumps({"id": "a", "status": "ok"}) + "\n" + json.dumps({"id": "b", "status": "failed"}) + "\n"
+        + json.dumps({"id": "c", "status": "failed"}) + "\n")
+    (d / "samples.shard-1-of-2.jsonl").write_text(
+        json.dumps({"id": "a", "status": "failed"}) + "\n" + json.dumps({"id": "b", "status": "ok"}) + "\n"
+        + json.dumps({"id": "c", "status": "failed", "logged_ns": 5}) + "\n")
+    (d / "samples.shard-0-of-2.jsonl").write_text(json.dumps({"id": "c", "status": "ok", "logged_ns": 7}) + "\n")
+    recs = read_split_logs(d)
+    assert {k: r["status"] for k, r in recs.items()} == {"a": "ok", "b": "ok", "c": "ok"}
+    assert recs["c"]["logged_ns"] == 7
+    # the newest stamp wins even when it is a failure
+    (d / "samples.shard-0-of-2.jsonl").write_text(json.dumps({"id": "c", "status": "failed", "logged_ns": 9}) + "\n")
+    assert read_split_logs(d)["c"]["logged_ns"] == 9
+
+
+def test_failed_no_target_sample_counts_against_n_acc(tmp_path):
+    path = write_inst2seg(tmp_path)
+    recs = json.loads(path.read_text())
+    recs[0]["annotation"][2]["text"] = "boom the purple elephant"  # a no-target query whose engine call fails
+    path.write_text(json.dumps(recs))
+    samples = read_inst2seg(path, tmp_path)
+    cfg = RunConfig(split_dir=tmp_path / "out" / "inst2seg", progress=False, both_empty_iou=1.0,
+                    instance_ious=True, warmup=0)
+    run_split(StubPredictor(rect=(2, 2, 12, 12)), samples, cfg)
+    s = _summary(inst2seg.SPEC, cfg, samples)
+    nt = s["groups"]["no-target"]["metrics"]
+    assert nt["n"] == 2 and nt["failures"] == 1
+    assert nt["n_acc"] == 0.0  # stub predicts a mask (FN) and the failure is FN too, not a no-target hit
+    assert nt["empty_pred_rate"] == 0.0  # over the one no-target sample that ran
+
+
+def test_empty_expression_fails_its_sample_and_the_run_goes_on(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(tmp_path / name)
+    Image.fromarray(rect_mask((24, 32), (0, 0, 21, 16)).astype(np.uint8)).save(tmp_path / "m.png")
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"image": "a.png", "text": "", "mask": "m.png"}) + "\n"
+                    + json.dumps({"image": "b.png", "text": "the cup", "mask": "m.png"}) + "\n")
+    samples = read_plain(path, tmp_path)
+    cfg = _cfg(tmp_path)
+    pred = StubPredictor()
+    stats = run_split(pred, samples, cfg)
+    assert (stats.ran, stats.failed) == (2, 1) and len(pred.calls) == 1
+    recs = read_split_logs(cfg.split_dir)
+    assert recs["000000"]["status"] == "failed"
+    assert recs["000000"]["reason"] == "bad data: empty expression text"
+    assert recs["000000"]["scores"]["iou"] == 0.0 and recs["000000"]["scores"]["union"] == 22 * 17
+    s = _summary(roborefit.SPEC, cfg, samples)
+    assert s["n"] == 2 and s["failures"] == 1
+    assert s["metrics"]["miou"] == pytest.approx(0.5, abs=1e-9)
+
+
+def test_cli_runs_past_an_empty_expression(tmp_path, capsys):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([{"image": "a.png", "text": ""}, {"image": "a.png", "text": "x"}]))
+    code = roborefit.main(["--output-dir", str(tmp_path / "o"), "--question-file", str(path),
+                           "--summarize-only", "--no-progress"])
+    assert code == 0  # reading the file no longer aborts on the empty expression

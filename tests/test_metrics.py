@@ -149,7 +149,7 @@ def test_failure_scores_zero_and_counts_gt_area_in_union():
     assert s["n"] == 2 and s["failures"] == 1
     assert s["mean_iou"] == pytest.approx(0.5, abs=1e-12)
     assert s["ciou"] == 16 / 32
-    assert s["empty_pred_rate"] == 0.5
+    assert s["empty_pred_rate"] == 0.0  # over the sample that ran; the failure is not an empty prediction
 
 
 def test_average_over_no_samples_raises():
@@ -339,3 +339,38 @@ def test_single_query_tp_fp_sequence_agrees_with_coco_eval():
     assert coco_order == list(order)
     np.testing.assert_array_equal(img["dtMatches"] > 0, tp)
     assert tp.any() and not tp.all()
+
+
+def test_failed_sample_counts_as_wrong_in_the_no_target_confusion():
+    acc = SegmentationAccumulator(both_empty_iou=1.0)
+    z = np.zeros((3, 3), bool)
+    one = _rect(3, 3, 0, 0, 0, 0)
+    acc.add(z, z)                                      # no-target, predicted none: TP
+    acc.add_scores(failed_sample(gt_area=0, gt_empty=True))   # no-target, failed: FN
+    acc.add(one, one)                                  # target, found: TN
+    acc.add_scores(failed_sample(gt_area=1, gt_empty=False))  # target, failed: FP
+    s = acc.summary()
+    assert s["n_acc"] == 0.5  # 1 TP / (1 TP + 1 FN): the failure is not a no-target hit
+    assert s["t_acc"] == 0.5  # 1 TN / (1 TN + 1 FP)
+    assert s["failures"] == 2
+    # a no-target split whose only sample failed: N-acc 0, not 1
+    only = SegmentationAccumulator(both_empty_iou=1.0)
+    only.add_scores(failed_sample(gt_area=0, gt_empty=True))
+    assert only.summary()["n_acc"] == 0.0
+
+
+def test_empty_pred_rate_is_over_samples_that_ran_not_failures():
+    acc = SegmentationAccumulator()
+    z = np.zeros((4, 4), bool)
+    full = _rect(4, 4, 0, 0, 3, 3)
+    acc.add(z, full)     # ran, empty prediction
+    acc.add(full, full)  # ran, non-empty
+    acc.add(full, full)  # ran, non-empty
+    acc.add_scores(failed_sample(gt_area=16))
+    acc.add_scores(failed_sample(gt_area=16))
+    s = acc.summary()
+    assert s["n"] == 5 and s["failures"] == 2
+    assert s["empty_pred_rate"] == pytest.approx(1 / 3, abs=1e-12)
+    only_failed = SegmentationAccumulator()
+    only_failed.add_scores(failed_sample(gt_area=16))
+    assert math.isnan(only_failed.summary()["empty_pred_rate"])

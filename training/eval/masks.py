@@ -154,15 +154,21 @@ def decode_instances(ann: Any, height: int | None = None, width: int | None = No
 
 
 def read_png_mask(path: Path, *, ignore_value: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read a mask image: foreground where any channel > 0.
+    """Read a mask image: foreground where any colour channel > 0.
+
+    An alpha band (RGBA, LA, PA, ...) is dropped first: it says how opaque a pixel is,
+    not whether it is the object, and an opaque background would otherwise be all
+    foreground.
 
     Args:
         path: the mask file.
-        ignore_value: if given (LISA's 255), pixels whose every channel equals it are
-            returned as the ignore mask and are not foreground.
+        ignore_value: LISA's 255. Pixels whose every channel equals it are the ignore
+            mask (and not foreground) only in LISA's 0/1/255 layout, i.e. when the mask
+            also has pixels of value 1; in a plain binary 0/255 mask 255 is the object.
 
     Returns:
-        `(mask, ignore)`: `(H, W)` bool arrays (`ignore` None when `ignore_value` is).
+        `(mask, ignore)`: `(H, W)` bool arrays (`ignore` None when `ignore_value` is;
+        all False when the mask is not in the 0/1/ignore layout).
 
     Raises:
         DataError: the file is missing or not a readable image.
@@ -173,16 +179,20 @@ def read_png_mask(path: Path, *, ignore_value: int | None = None) -> tuple[np.nd
     try:
         with Image.open(path) as im:
             im.load()
+            bands = im.getbands()
             arr = np.asarray(im)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"unreadable mask image {path}: {e}") from e
-    if arr.ndim == 3:
-        fg = (arr > 0).any(axis=2)
-        ign = (arr == ignore_value).all(axis=2) if ignore_value is not None else None
-    else:
-        fg = arr > 0
-        ign = (arr == ignore_value) if ignore_value is not None else None
-    if ign is not None:
+    if arr.ndim == 3 and len(bands) == arr.shape[2] and len(bands) > 1 and bands[-1] in ("A", "a"):
+        arr = arr[..., :-1]  # drop alpha
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    fg = (arr > 0).any(axis=2)
+    ign = None
+    if ignore_value is not None:
+        ign = (arr == ignore_value).all(axis=2)
+        if not (arr == 1).all(axis=2).any():
+            ign = np.zeros_like(ign)  # no 1s: a binary 0/255 mask, 255 is foreground
         fg = fg & ~ign
     return fg, ign
 

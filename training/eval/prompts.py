@@ -16,9 +16,9 @@ _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "`": "`"}
 PromptFn = Callable[[str], str]
 
 
-def strip_quotes(text: str) -> str:
-    """Strip whitespace and any matching pairs of surrounding quotes."""
-    t = str(text).strip()
+def strip_quotes(text: str | None) -> str:
+    """Strip whitespace and any matching pairs of surrounding quotes (None: '')."""
+    t = "" if text is None else str(text).strip()
     while len(t) >= 2 and t[0] in _QUOTES and t[-1] == _QUOTES[t[0]]:
         t = t[1:-1].strip()
     return t
@@ -29,6 +29,16 @@ def _require_text(text: str) -> str:
     if not t:
         raise ValueError("empty expression text")
     return t
+
+
+def build_instruction(prompt: PromptFn, text: str) -> tuple[str, str | None]:
+    """`(prompt(text), None)`, or `("", reason)` when the builder rejects the text (an
+    empty expression). Readers use it so that one bad expression fails its own sample,
+    in the runner, instead of aborting the reading of the whole question file."""
+    try:
+        return prompt(text), None
+    except ValueError as e:
+        return "", str(e) or type(e).__name__
 
 
 def roborefit_prompt(text: str, suffix: str = SEG_SUFFIX) -> str:

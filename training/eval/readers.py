@@ -6,7 +6,7 @@ docs/evaluation.md for the fields):
 
 - RoboRefIt official: `final_dataset/{split}/roborefit_{split}.json`.
 - RoboRefIt QA: the official evaluation's preprocessed list {image, question, masks}.
-- plain: a JSON list or JSONL of {image, text, mask?, id?, scene?, bbox?}.
+- plain: a JSON list or JSONL of {image, text, mask? | masks?, id?, scene?, bbox?}.
 - frames: a folder of `image_<id>.png` + `text_<id>.txt` (+ optional `mask_<id>.png`).
 - Inst2Seg, ReasonSeg, gRefCOCO: the question files the official scripts read.
 """
@@ -17,9 +17,9 @@ import json
 from pathlib import Path, PureWindowsPath
 from typing import Any, Callable
 
-from training.eval.masks import DataError, decode_instances, read_png_mask
+from training.eval.masks import DataError, _is_polygon, decode_instances, read_png_mask
 from training.eval.prompts import (
-    PromptFn, grefcoco_prompt, inst2seg_prompt, reasonseg_prompt, roborefit_prompt, strip_quotes,
+    PromptFn, build_instruction, grefcoco_prompt, inst2seg_prompt, reasonseg_prompt, roborefit_prompt, strip_quotes,
 )
 from training.eval.samples import GroundTruth, Sample
 
@@ -78,6 +78,19 @@ def resolve_path(root: Path, raw: str) -> Path:
         if c.exists():
             return c
     return candidates[0]
+
+
+def _prompted(prompt: PromptFn, text: str) -> dict:
+    """`instruction` and `error` of a Sample: an expression the prompt builder rejects
+    (empty) fails that sample in the runner instead of aborting the whole file."""
+    instruction, error = build_instruction(prompt, text)
+    return {"instruction": instruction, "error": error}
+
+
+def _check_id(sid: str, ids: set[str], where: str) -> None:
+    if sid in ids:
+        raise FormatError(f"{where}: duplicate id {sid!r}")
+    ids.add(sid)
 
 
 def _field(rec: dict, *names: str, where: str) -> Any:
@@ -187,7 +200,7 @@ def read_roborefit_official(json_path: Path, data_root: Path, prompt: PromptFn =
             sample_id=f"{i:06d}",
             image=resolve_path(data_root, _field(rec, "rgb_path", where=where)),
             text=text,
-            instruction=prompt(text),
+            **_prompted(prompt, text),
             group=str(rec["scene"]) if rec.get("scene") is not None else None,
             load_gt=_mask_path_gt(resolve_path(data_root, mask_raw), box) if mask_raw else None,
             meta={"num": rec.get("num")},
@@ -196,28 +209,79 @@ def read_roborefit_official(json_path: Path, data_root: Path, prompt: PromptFn =
 
 
 def read_roborefit_qa(json_path: Path, data_root: Path, prompt: PromptFn = roborefit_prompt) -> list[Sample]:
-    """The official evaluation's preprocessed list: [{image, question|expression, masks: RLE}]."""
+    """The official evaluation's preprocessed list: [{image, question|expression, masks: RLE, id?}].
+
+    Raises:
+        FormatError: a record lacks a field, or two records share one id (resume and
+            sharding key on ids).
+    """
     out = []
+    ids: set[str] = set()
     for i, rec in enumerate(load_json_records(json_path)):
         where = f"{json_path}[{i}]"
         text = strip_quotes(_field(rec, "question", "expression", "text", where=where))
+        sid = str(rec.get("id", f"{i:06d}"))
+        _check_id(sid, ids, where)
         ann = rec.get("masks")
         out.append(Sample(
-            sample_id=str(rec.get("id", f"{i:06d}")),
+            sample_id=sid,
             image=resolve_path(data_root, _field(rec, "image", where=where)),
             text=text,
-            instruction=prompt(text),
+            **_prompted(prompt, text),
             group=str(rec["scene"]) if rec.get("scene") is not None else None,
             load_gt=_ann_gt(ann, _size(rec), _box(rec.get("bbox"), where)) if ann is not None else None,
         ))
     return out
 
 
-def read_plain(json_path: Path, data_root: Path, prompt: PromptFn = roborefit_prompt) -> list[Sample]:
-    """A JSON list / JSONL of {image, text, mask?, id?, scene?, bbox?}.
+def _plain_gt(ann: Any, data_root: Path, image: Path, size: tuple[int, int] | None,
+              box: tuple | None) -> Callable[[], GroundTruth]:
+    """GT of a plain record's `mask`/`masks`: a PNG path (or folder), a COCO RLE dict or
+    polygon list, or a list of any of these (one or more instances each), all merged into
+    one GroundTruth. An empty list is a no-target GT (its size from height/width, else
+    from the image)."""
+    if isinstance(ann, str):
+        return _mask_path_gt(resolve_path(data_root, ann), box)
+    if not isinstance(ann, (list, tuple)) or (ann and all(_is_polygon(p) for p in ann)):
+        return _ann_gt(ann, size, box)
 
-    `mask` is a PNG path (or folder of PNGs), a COCO RLE dict, or absent/null
-    (predict-only).
+    def load() -> GroundTruth:
+        masks, ignore = [], None
+        for item in ann:
+            if isinstance(item, str):
+                gt = _mask_path_gt(resolve_path(data_root, item))()
+            else:
+                h, w = size if size else (masks[0].shape if masks else (None, None))
+                inst = decode_instances([item] if _is_polygon(item) else item, h, w)
+                gt = GroundTruth.from_masks(inst, inst[0].shape if inst else (h, w))
+            for m in gt.instances:
+                if masks and m.shape != masks[0].shape:
+                    raise DataError(f"GT masks of one sample differ in size: {m.shape} vs {masks[0].shape}")
+                masks.append(m)
+            if gt.ignore is not None:
+                ignore = gt.ignore if ignore is None else (ignore | gt.ignore)
+        shape = masks[0].shape if masks else (size or _image_size(image))
+        return GroundTruth.from_masks(masks, tuple(shape), box=box, ignore=ignore)
+
+    return load
+
+
+def _image_size(image: Path) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as im:
+            return im.height, im.width
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        raise DataError(f"a no-target GT needs the image size: {e}") from e
+
+
+def read_plain(json_path: Path, data_root: Path, prompt: PromptFn = roborefit_prompt) -> list[Sample]:
+    """A JSON list / JSONL of {image, text, mask? | masks?, id?, scene?, bbox?, height?, width?}.
+
+    `mask` or `masks` (not both) is a PNG path (or folder of PNGs, one per instance), a
+    COCO RLE dict, or a list of PNG paths / RLE dicts / polygons, merged into one GT (one
+    instance each; an empty list: no target); absent/null means predict-only.
     """
     out = []
     ids: set[str] = set()
@@ -225,24 +289,19 @@ def read_plain(json_path: Path, data_root: Path, prompt: PromptFn = roborefit_pr
         where = f"{json_path}[{i}]"
         text = strip_quotes(_field(rec, "text", "question", "expression", where=where))
         sid = str(rec.get("id", f"{i:06d}"))
-        if sid in ids:
-            raise FormatError(f"{where}: duplicate id {sid!r}")
-        ids.add(sid)
-        mask = rec.get("mask")
+        _check_id(sid, ids, where)
+        if rec.get("mask") is not None and rec.get("masks") is not None:
+            raise FormatError(f"{where}: both 'mask' and 'masks' given; use one")
+        mask = rec.get("mask") if rec.get("mask") is not None else rec.get("masks")
         box = _box(rec.get("bbox"), where)
-        if mask is None:
-            load = None
-        elif isinstance(mask, str):
-            load = _mask_path_gt(resolve_path(data_root, mask), box)
-        else:
-            load = _ann_gt(mask, _size(rec), box)
+        image = resolve_path(data_root, _field(rec, "image", where=where))
         out.append(Sample(
             sample_id=sid,
-            image=resolve_path(data_root, _field(rec, "image", where=where)),
+            image=image,
             text=text,
-            instruction=prompt(text),
+            **_prompted(prompt, text),
             group=str(rec["scene"]) if rec.get("scene") is not None else None,
-            load_gt=load,
+            load_gt=None if mask is None else _plain_gt(mask, data_root, image, _size(rec), box),
         ))
     return out
 
@@ -263,7 +322,7 @@ def read_frames(folder: Path, prompt: PromptFn = roborefit_prompt) -> list[Sampl
         text = strip_quotes(txt.read_text(encoding="utf-8"))
         mask = folder / f"mask_{key}.png"
         out.append(Sample(
-            sample_id=key, image=img, text=text, instruction=prompt(text),
+            sample_id=key, image=img, text=text, **_prompted(prompt, text),
             load_gt=_mask_path_gt(mask) if mask.exists() else None,
         ))
     return out
@@ -322,7 +381,7 @@ def read_inst2seg(json_path: Path, data_root: Path, prompt: PromptFn = inst2seg_
         for j, ann in enumerate(anns):
             text = strip_quotes(_field(ann, "text", where=f"{where}.annotation[{j}]"))
             out.append(Sample(
-                sample_id=f"{i:06d}-{j}", image=image, text=text, instruction=prompt(text),
+                sample_id=f"{i:06d}-{j}", image=image, text=text, **_prompted(prompt, text),
                 load_gt=_ann_gt(ann.get("mask"), size), image_size=size,
             ))
     return out
@@ -342,7 +401,7 @@ def read_reasonseg(json_path: Path, data_root: Path, prompt: PromptFn | None = N
         questions = q if isinstance(q, list) else [q]
         is_sentence = bool(rec.get("is_sentence", False))
         mask = _field(rec, "mask", where=where)
-        if isinstance(mask, str):  # a LISA-style PNG: 255 marks ignored pixels
+        if isinstance(mask, str):  # a PNG: 255 is ignored in LISA's 0/1/255 layout, the object in a 0/255 one
             load = _mask_path_gt(resolve_path(data_root, mask), ignore_value=255)
         else:
             load = _ann_gt(mask, _size(rec), ignore_ann=rec.get("ignore_mask"))
@@ -352,7 +411,7 @@ def read_reasonseg(json_path: Path, data_root: Path, prompt: PromptFn | None = N
                 sample_id=f"{i:06d}" if len(questions) == 1 else f"{i:06d}-{j}",
                 image=resolve_path(data_root, _field(rec, "image", where=where)),
                 text=text,
-                instruction=prompt(text) if prompt else reasonseg_prompt(text, is_sentence),
+                **_prompted(prompt or (lambda t, s=is_sentence: reasonseg_prompt(t, s)), text),
                 group="long" if is_sentence else "short",
                 load_gt=load, image_size=_size(rec),
             ))
@@ -390,7 +449,7 @@ def read_grefcoco(json_path: Path, data_root: Path, prompt: PromptFn = grefcoco_
         for k, (cat, ann) in enumerate(zip(cats, masks)):
             text = strip_quotes(cat)
             out.append(Sample(
-                sample_id=f"{i:06d}-{k}", image=image, text=text, instruction=prompt(text),
+                sample_id=f"{i:06d}-{k}", image=image, text=text, **_prompted(prompt, text),
                 load_gt=_ann_gt(ann, size), image_size=size,
             ))
     return out

@@ -7,6 +7,13 @@ and skips what is done, so an interrupted run resumes. Bad data (missing or unre
 image or mask, a mask of the wrong size) and engine errors fail that sample only: it is
 logged with the reason and scores IoU 0, as in the official protocol.
 
+Every record carries `logged_ns`, a write stamp (wall-clock nanoseconds, strictly
+increasing within a process). Where a split's logs (unsharded and shard logs) hold several
+records of one id, the newest stamp wins, whatever file it is in: a `--retry-failed` rerun
+supersedes the failure it retried. Records of older logs, without the stamp, count as
+older than any stamped one; among them a non-failed record beats a failed one, then the
+later (file name, line) wins.
+
 The predictor is anything with ``segment_image(rgb, instruction, key=..., score_threshold=...)``
 returning an `instructsam_core.result.Result` (the real `Segmenter`, or a stub in tests).
 """
@@ -148,12 +155,37 @@ def read_log(path: Path, repair: bool = False) -> list[dict]:
     return records
 
 
+_last_stamp = 0
+
+
+def _stamp() -> int:
+    """Wall-clock nanoseconds, strictly increasing within this process (a per-process
+    counter breaks ties of a coarse clock)."""
+    global _last_stamp
+    _last_stamp = max(time.time_ns(), _last_stamp + 1)
+    return _last_stamp
+
+
+def _record_age(rec: dict, position: tuple[int, int]) -> tuple:
+    """Sort key, larger = newer: stamped records by stamp; unstamped (older logs) before
+    all stamped ones, a non-failed one beating a failed one, then by (file, line)."""
+    stamp = rec.get("logged_ns")
+    if isinstance(stamp, int) and not isinstance(stamp, bool):
+        return (1, stamp, 0, position)
+    return (0, 0, int(rec.get("status") != STATUS_FAILED), position)
+
+
 def read_split_logs(split_dir: Path) -> dict[str, dict]:
-    """All per-sample records of a split (every shard's log), last record per id wins."""
+    """All per-sample records of a split (every shard's log), the newest per id (see the
+    module docstring: by `logged_ns`, not by file name)."""
     out: dict[str, dict] = {}
-    for f in sorted(Path(split_dir).glob("samples*.jsonl")):
-        for rec in read_log(f):
-            out[str(rec["id"])] = rec
+    age: dict[str, tuple] = {}
+    for fi, f in enumerate(sorted(Path(split_dir).glob("samples*.jsonl"))):
+        for li, rec in enumerate(read_log(f)):
+            key = str(rec["id"])
+            a = _record_age(rec, (fi, li))
+            if key not in age or a > age[key]:
+                out[key], age[key] = rec, a
     return out
 
 
@@ -179,6 +211,8 @@ def run_sample(predictor: Predictor, sample: Sample, cfg: RunConfig) -> tuple[di
         except DataError as e:
             gt_error = e
     try:
+        if sample.error is not None:  # found while reading the question file (empty expression)
+            raise DataError(sample.error)
         rgb = read_rgb(sample.image)
         hw = rgb.shape[:2]
         if sample.image_size is not None and tuple(sample.image_size) != tuple(hw):
@@ -267,6 +301,7 @@ def run_split(predictor: Predictor, samples: Iterable[Sample], cfg: RunConfig, d
                 path = split_dir / "masks" / f"{_safe_name(sample.sample_id)}.png"
                 write_label_png(path, res.masks)
                 rec["mask_png"] = str(path.relative_to(split_dir))
+            rec["logged_ns"] = _stamp()
             _append(fh, rec)
             ran += 1
             failed += rec["status"] == STATUS_FAILED

@@ -54,6 +54,8 @@ class Sample:
             runs predict-only and stays out of the metrics.
         image_size: `(H, W)` the question file declares, checked against the image.
         meta: extra fields copied into the per-sample log.
+        error: known at read time (e.g. an empty expression): the runner records the
+            sample as failed with this reason, IoU 0, without running the engine.
     """
 
     sample_id: str
@@ -64,3 +66,4 @@ class Sample:
     load_gt: Callable[[], GroundTruth] | None = None
     image_size: tuple[int, int] | None = None
     meta: dict = field(default_factory=dict)
+    error: str | None = None
