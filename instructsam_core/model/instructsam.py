@@ -214,15 +214,10 @@ class InstructSam(nn.Module):
         Returns `(inputs_embeds (B, L, H), visual_pos_mask (B, L) or None, deepstack or None)`.
         """
         ids = self.token_ids
-        embeds = self.language_model.embed_tokens(input_ids)
-        is_seg = input_ids == ids.seg
-        n_seg = int(is_seg.sum())
-        if n_seg:
-            k = self.config.num_queries
-            if n_seg % k:
-                raise ValueError(f"{n_seg} [SEG] tokens is not a multiple of the {k} query slots")
-            queries = self.mask_queries.to(embeds.dtype).repeat(n_seg // k, 1)
-            embeds = embeds.masked_scatter(is_seg[..., None], queries)
+        n_seg, k = int((input_ids == ids.seg).sum()), self.config.num_queries
+        if n_seg % k:
+            raise ValueError(f"{n_seg} [SEG] tokens is not a multiple of the {k} query slots")
+        embeds = self.embed_text(input_ids, n_seg // k)
         is_image = input_ids == ids.image
         n_image = int(is_image.sum())
         if not n_image:
