@@ -9,6 +9,7 @@ frame.
 
 from __future__ import annotations
 
+import array
 import io
 import sys
 
@@ -34,7 +35,15 @@ MAX_PIXELS = 64 * 1024 * 1024
 
 
 class ImageError(ValueError):
-    """An image message that cannot be decoded; the message says why."""
+    """An image message that cannot be decoded; the message says why.
+
+    `kind` names the problem with a fixed word (encoding, size, step, truncated,
+    format, malformed), e.g. to rate-limit warnings per problem.
+    """
+
+    def __init__(self, message: str, kind: str = "invalid"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def _raw_array(msg, table: dict[str, tuple[int, type]], kind: str) -> np.ndarray:
@@ -45,25 +54,25 @@ def _raw_array(msg, table: dict[str, tuple[int, type]], kind: str) -> np.ndarray
     enc = msg.encoding
     if enc not in table:
         raise ImageError(
-            f"unsupported {kind} encoding '{enc}' (supported: {', '.join(table)})")
+            f"unsupported {kind} encoding '{enc}' (supported: {', '.join(table)})", "encoding")
     channels, dtype = table[enc]
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
     if h == 0 or w == 0:
-        raise ImageError(f"zero-size {kind} image ({w}x{h})")
+        raise ImageError(f"zero-size {kind} image ({w}x{h})", "size")
     if h * w > MAX_PIXELS:
-        raise ImageError(f"{kind} image too large ({w}x{h} > {MAX_PIXELS} pixels)")
+        raise ImageError(f"{kind} image too large ({w}x{h} > {MAX_PIXELS} pixels)", "size")
     itemsize = np.dtype(dtype).itemsize
     row = w * channels * itemsize
     if step < row:
         raise ImageError(
             f"{kind} image step {step} is smaller than width*bytes per pixel = {row} "
-            f"({w} px, {enc})")
+            f"({w} px, {enc})", "step")
     data = msg.data
     buf = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
     if len(buf) < step * h:
         raise ImageError(
             f"truncated {kind} image: {len(buf)} bytes, expected step*height = "
-            f"{step}*{h} = {step * h}")
+            f"{step}*{h} = {step * h}", "truncated")
     rows = np.frombuffer(buf, dtype=np.uint8, count=step * h).reshape(h, step)[:, :row]
     big = bool(msg.is_bigendian)
     dt = np.dtype(dtype).newbyteorder(">" if big else "<") if itemsize > 1 else np.dtype(dtype)
@@ -93,15 +102,15 @@ def compressed_to_rgb(msg) -> np.ndarray:
 
     data = bytes(msg.data)
     if not data:
-        raise ImageError(f"empty compressed image (format '{msg.format}')")
+        raise ImageError(f"empty compressed image (format '{msg.format}')", "size")
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format not in ("JPEG", "PNG"):
                 raise ImageError(
                     f"compressed image is {im.format}, expected jpeg or png "
-                    f"(format field '{msg.format}')")
+                    f"(format field '{msg.format}')", "format")
             if im.width * im.height > MAX_PIXELS:
-                raise ImageError(f"compressed image too large ({im.width}x{im.height})")
+                raise ImageError(f"compressed image too large ({im.width}x{im.height})", "size")
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 a = np.asarray(im, dtype=np.uint32)
                 a = ((a + 128) // 257).clip(0, 255).astype(np.uint8)
@@ -112,10 +121,10 @@ def compressed_to_rgb(msg) -> np.ndarray:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(
-            f"malformed compressed image (format '{msg.format}', {len(data)} bytes): {exc}"
-        ) from None
+            f"malformed compressed image (format '{msg.format}', {len(data)} bytes): {exc}",
+            "malformed") from None
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ImageError("zero-size compressed image")
+        raise ImageError("zero-size compressed image", "size")
     return np.ascontiguousarray(rgb)
 
 
@@ -147,8 +156,19 @@ def numpy_to_image(arr: np.ndarray, encoding: str, header=None):
     msg.encoding = encoding
     msg.is_bigendian = int(sys.byteorder == "big")
     msg.step = int(arr.strides[0]) if h else 0
-    msg.data = arr.tobytes()
+    msg.data = as_uint8_array(arr)
     return msg
+
+
+def as_uint8_array(data) -> array.array:
+    """Bytes (or a contiguous numpy array) as `array.array('B')`, for a uint8[] field.
+
+    The generated message setters take an array.array('B') as is; bytes, lists and
+    numpy arrays are checked element by element on Humble (slow for images).
+    """
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data).tobytes()
+    return array.array("B", data)
 
 
 def label_image(masks: np.ndarray) -> np.ndarray:

@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         0.0 if args.checkpoint == "tiny" else 0.5)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")  # Jazzy+
+    os.environ.setdefault("ROS_LOCALHOST_ONLY", "1")  # Humble (no discovery range there)
     domain = args.domain_id if args.domain_id is not None else random.randint(1, 100)
     if args.checkpoint == "tiny":
         print("NOTE: the model is the built-in tiny UNTRAINED InstructSAM (random weights, "

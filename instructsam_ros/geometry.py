@@ -9,7 +9,12 @@ import numpy as np
 
 @dataclass
 class Intrinsics:
-    """Pinhole intrinsics in pixels (from sensor_msgs/CameraInfo.k)."""
+    """Pinhole intrinsics in pixels (from sensor_msgs/CameraInfo.k).
+
+    K describes the image as published. The depth is assumed undistorted (distortion
+    coefficients are ignored), as aligned depth from RGB-D drivers is; see docs/ros.md
+    for K versus P.
+    """
 
     fx: float
     fy: float
@@ -24,6 +29,19 @@ class Intrinsics:
         if fx <= 0 or fy <= 0:
             raise ValueError(f"camera_info has invalid focal lengths fx={fx} fy={fy}")
         return cls(fx, fy, cx, cy)
+
+
+def check_camera_info_size(info, height: int, width: int) -> None:
+    """Raise ValueError when camera_info's size differs from the depth image's.
+
+    A camera_info with width = height = 0 (size not filled in, as hand-made ones often
+    are) is accepted. Intrinsics of another resolution would put every point in the
+    wrong place, so a mismatch is refused rather than silently used.
+    """
+    iw, ih = int(info.width), int(info.height)
+    if (iw or ih) and (iw, ih) != (int(width), int(height)):
+        raise ValueError(f"camera_info is {iw}x{ih} but the depth image is {width}x{height}: "
+                         "the intrinsics must describe the depth image")
 
 
 @dataclass

@@ -71,6 +71,10 @@ def specs() -> dict[str, Spec]:
         "depth_sync_tolerance": Spec(0.02, "Largest stamp difference, in seconds, between a "
                                      "colour frame and the depth/camera_info used for it.",
                                      range=(0.0, 1.0)),
+        "depth_wait_s": Spec(0.1, "How long, in seconds, a colour frame waits for its "
+                             "depth/camera_info (aligned depth is often published after "
+                             "the colour frame); 0 = use only what has already arrived.",
+                             range=(0.0, 1.0)),
         "publish_overlay": Spec(True, "Publish ~/overlay (bgr8 image with masks, boxes, "
                                 "scores, phrases and the instruction) for RViz."),
         "publish_label_image": Spec(True, "Publish ~/label_image (mono16) and fill "
@@ -100,6 +104,7 @@ class Settings:
     compressed_input: bool = False
     use_depth: bool = False
     depth_sync_tolerance: float = 0.02
+    depth_wait_s: float = 0.1
     publish_overlay: bool = True
     publish_label_image: bool = True
     max_rate: float = 0.0

@@ -18,6 +18,8 @@ or `python -m instructsam_ros.perception_node --ros-args ...`.
 from __future__ import annotations
 
 import gc
+import math
+import re
 import sys
 import threading
 import time
@@ -30,7 +32,8 @@ import rclpy
 import rclpy.qos
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
@@ -38,7 +41,7 @@ from std_msgs.msg import String
 from instructsam_ros import params
 from instructsam_ros.conversions import (ImageError, compressed_to_rgb, depth_to_metres,
                                          image_to_rgb, numpy_to_image)
-from instructsam_ros.geometry import Intrinsics
+from instructsam_ros.geometry import Intrinsics, check_camera_info_size
 from instructsam_ros.instruction import InstructionError, InstructionState, clean_instruction
 from instructsam_ros.messages import DepthInput, Timing, result_to_msg
 from instructsam_ros.overlay import overlay_bgr
@@ -46,7 +49,8 @@ from instructsam_ros.qos import image_qos, instruction_qos, output_qos
 from instructsam_ros.sync import StampBuffer, stamp_ns
 
 NODE_NAME = "instructsam"
-WARN_REPEAT_S = 5.0  # the same warning text is logged at most this often
+WARN_REPEAT_S = 5.0  # warnings of one category are logged at most this often
+DEPTH_KEEP_S = 2.0  # depth/camera_info kept this long (by stamp) for matching
 
 
 @dataclass
@@ -125,9 +129,9 @@ class PerceptionNode(LifecycleNode):
         self._active = False
         self._depth_enabled = False
         self._last_accept = 0.0
-        self._warned: dict[str, float] = {}
-        self._depth_buf = StampBuffer()
-        self._info_buf = StampBuffer()
+        self._warned: dict[str, float] = {}  # category -> last time logged
+        self._depth_buf = StampBuffer(DEPTH_KEEP_S)
+        self._info_buf = StampBuffer(DEPTH_KEEP_S)
         self._image_subs: list = []
         self._entities: list[tuple[str, Any]] = []  # (kind, entity) made at configure
         self._pub_instances = self._pub_label = self._pub_overlay = None
@@ -186,7 +190,10 @@ class PerceptionNode(LifecycleNode):
                 String, "/instruction", self._on_instruction, latched)),
             ("subscription", self.create_subscription(
                 String, "/instruction", self._on_instruction, volatile)),
-            ("service", self.create_service(_msg_types()[1], "~/segment", self._on_segment)),
+            # Its own group: with the multi-threaded executor a long inference does not
+            # hold up lifecycle, parameter, instruction and diagnostics callbacks.
+            ("service", self.create_service(_msg_types()[1], "~/segment", self._on_segment,
+                                            callback_group=MutuallyExclusiveCallbackGroup())),
             ("timer", self.create_timer(1.0, self._publish_diagnostics)),
         ]
         self.get_logger().info("configured")
@@ -204,6 +211,7 @@ class PerceptionNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self._slot = LatestFrame()
         self._stats = Stats()
+        self._diag_prev = (time.monotonic(), 0)  # the counters restart with the stats
         qos = image_qos(s.image_reliability, s.image_qos_depth)
         if s.compressed_input:
             self._image_subs.append(self.create_subscription(
@@ -290,6 +298,8 @@ class PerceptionNode(LifecycleNode):
             self.destroy_subscription(sub)
         self._image_subs = []
         self._slot.close()
+        self._depth_buf.clear()  # also wakes a worker waiting for depth
+        self._info_buf.clear()
         if self._worker is not None:
             self._worker.join(timeout=30.0)
             self._worker = None
@@ -297,8 +307,6 @@ class PerceptionNode(LifecycleNode):
             seg, self._segmenter = self._segmenter, None
         if seg is not None:
             seg.release()  # the engine frees its device memory (CUDA cache included)
-        self._depth_buf.clear()
-        self._info_buf.clear()
         gc.collect()
 
     def _destroy_entities(self) -> None:
@@ -309,11 +317,15 @@ class PerceptionNode(LifecycleNode):
 
     # ------------------------------------------------------------------ callbacks
 
-    def _warn(self, text: str) -> None:
-        """Log a warning, but the same text at most once per WARN_REPEAT_S."""
+    def _warn(self, category: str, text: str) -> None:
+        """Log a warning, but at most one per `category` every WARN_REPEAT_S.
+
+        Keyed by a fixed category (not the text, which holds sizes, stamps, user input),
+        so the table stays as small as the list of categories.
+        """
         now = time.monotonic()
-        if now - self._warned.get(text, -1e9) >= WARN_REPEAT_S:
-            self._warned[text] = now
+        if now - self._warned.get(category, -1e9) >= WARN_REPEAT_S:
+            self._warned[category] = now
             self.get_logger().warning(text)
 
     def _on_instruction(self, msg: String) -> None:
@@ -322,10 +334,11 @@ class PerceptionNode(LifecycleNode):
         except InstructionError as exc:
             # Clear rather than keep the old target: the requester wanted a new one.
             self._instruction.set("")
-            self._warn(f"{exc}; instruction rejected and the current one cleared")
+            self._warn("instruction_rejected",
+                       f"{exc}; instruction rejected and the current one cleared")
             return
         for w in warnings:
-            self._warn(w)
+            self._warn(_category("instruction_cleaned", w), w)
         current, changed = self._instruction.set(text)
         if changed:
             if current.text:
@@ -363,9 +376,15 @@ class PerceptionNode(LifecycleNode):
             try:
                 self._process(frame)
             except Exception:  # noqa: BLE001 - one bad frame must not stop the node
+                if not self._running():
+                    return  # shutting down (Ctrl-C) mid-frame: nothing to report
                 self._stats.failed += 1
                 self.get_logger().error(
                     "frame failed, skipped:\n" + traceback.format_exc(limit=6))
+
+    def _running(self) -> bool:
+        """Active, and the ROS context not shut down (SIGINT shuts it down at once)."""
+        return self._active and self.context.ok()
 
     def _process(self, frame: Frame) -> None:
         instruction = self._instruction.get()
@@ -376,7 +395,7 @@ class PerceptionNode(LifecycleNode):
             rgb = compressed_to_rgb(msg) if frame.compressed else image_to_rgb(msg)
         except ImageError as exc:
             self._stats.invalid += 1
-            self._warn(f"image skipped: {exc}")
+            self._warn(_category("bad_image", exc), f"image skipped: {exc}")
             return
         depth = self._match_depth(msg.header, rgb.shape[:2])
         s = self.settings
@@ -384,14 +403,16 @@ class PerceptionNode(LifecycleNode):
             seg = self._segmenter
             if seg is None or not self._active:
                 return
-            stamp = msg.header.stamp
-            seg.set_image(rgb, key=(int(stamp.sec), int(stamp.nanosec), msg.header.frame_id))
+            # key=None: every streamed frame is encoded once anyway, and a stamp is no
+            # identity (zero or repeated stamps from hand-made publishers).
+            seg.set_image(rgb, key=None)
             try:
                 result = seg.segment(instruction.text, score_threshold=s.score_threshold,
                                      max_instances=s.max_instances or None)
             except ValueError as exc:
                 self._stats.invalid += 1
-                self._warn(f"instruction '{instruction.text[:80]}' skipped: {exc}")
+                self._warn("instruction_refused",
+                           f"instruction '{instruction.text[:80]}' skipped: {exc}")
                 return
         age = (self.get_clock().now().nanoseconds - stamp_ns(msg.header.stamp)) * 1e-9
         timing = Timing(latency_node=time.monotonic() - frame.received, image_age=age,
@@ -399,8 +420,8 @@ class PerceptionNode(LifecycleNode):
         out = result_to_msg(result, msg.header, instruction.text, instruction.id,
                             with_label_image=s.publish_label_image, depth=depth, timing=timing)
         pubs = (self._pub_instances, self._pub_label, self._pub_overlay)
-        if None in pubs:
-            return  # cleaned up meanwhile
+        if None in pubs or not self._running():
+            return  # deactivated, cleaned up or shutting down meanwhile
         pubs[0].publish(out)
         if s.publish_label_image and pubs[1].get_subscription_count() > 0:
             pubs[1].publish(out.label_image)
@@ -416,21 +437,32 @@ class PerceptionNode(LifecycleNode):
         s = self.settings
         if not self._depth_enabled:
             return None
-        d = self._depth_buf.nearest(header.stamp, s.depth_sync_tolerance)
-        info = self._info_buf.nearest(header.stamp, s.depth_sync_tolerance)
+        # Aligned depth is usually published after its colour frame: wait (bounded) for it.
+        deadline = time.monotonic() + s.depth_wait_s
+        cancelled = lambda: not self._active  # noqa: E731
+        d = self._depth_buf.wait_nearest(header.stamp, s.depth_sync_tolerance,
+                                         s.depth_wait_s, cancelled)
+        info = None
+        if d is not None:
+            info = self._info_buf.wait_nearest(header.stamp, s.depth_sync_tolerance,
+                                               deadline - time.monotonic(), cancelled)
         if d is None or info is None:
             self._stats.depth_unmatched += 1
-            self._warn(f"no depth/camera_info within {s.depth_sync_tolerance} s of the image "
-                       "stamp; 3D fields left empty")
+            self._warn("depth_unmatched",
+                       f"no depth/camera_info within {s.depth_sync_tolerance} s of the image "
+                       f"stamp (waited up to {s.depth_wait_s} s); 3D fields left empty")
             return None
         try:
             metres = depth_to_metres(d)
             k = Intrinsics.from_camera_info(info)
+            check_camera_info_size(info, *metres.shape)
         except (ImageError, ValueError) as exc:
-            self._warn(f"depth skipped: {exc}")
+            self._warn(_category("bad_depth", exc),
+                       f"depth skipped, 3D fields left empty: {exc}")
             return None
         if metres.shape != tuple(size):
-            self._warn(f"depth is {metres.shape[1]}x{metres.shape[0]} but the image is "
+            self._warn("depth_size",
+                       f"depth is {metres.shape[1]}x{metres.shape[0]} but the image is "
                        f"{size[1]}x{size[0]}: depth must be aligned to the colour image")
             return None
         return DepthInput(metres, k, d.header.frame_id)
@@ -439,14 +471,19 @@ class PerceptionNode(LifecycleNode):
 
     def _on_segment(self, request, response):
         """~/segment: one image + instruction -> InstanceSegmentation (see Segment.srv)."""
+        self.get_logger().debug(f"segment request {request.instruction_id} received")
         response.success = False
         s = self.settings
         try:
             text, warnings = clean_instruction(request.instruction, s.max_instruction_length)
             for w in warnings:
-                self._warn(w)
+                self._warn(_category("instruction_cleaned", w), w)
             if not text:
                 raise InstructionError("instruction is empty")
+            threshold = float(request.score_threshold)
+            if math.isnan(threshold) or threshold > 1.0:
+                raise ValueError(f"score_threshold {threshold} is not in 0..1 "
+                                 "(or negative for the node's parameter)")
             rgb = image_to_rgb(request.image)
             depth = None
             if request.depth.width or request.depth.height:
@@ -454,14 +491,15 @@ class PerceptionNode(LifecycleNode):
                 if metres.shape != rgb.shape[:2]:
                     raise ImageError(f"depth is {metres.shape[1]}x{metres.shape[0]} but the "
                                      f"image is {rgb.shape[1]}x{rgb.shape[0]}")
-                depth = DepthInput(metres, Intrinsics.from_camera_info(request.camera_info),
-                                   request.depth.header.frame_id)
+                k = Intrinsics.from_camera_info(request.camera_info)
+                check_camera_info_size(request.camera_info, *metres.shape)
+                depth = DepthInput(metres, k, request.depth.header.frame_id)
         except (InstructionError, ImageError, ValueError) as exc:
             response.message = str(exc)
-            self._warn(f"segment request rejected: {exc}")
+            self._warn("segment_rejected", f"segment request rejected: {exc}")
             return response
-        threshold = s.score_threshold if request.score_threshold < 0 else float(
-            min(1.0, request.score_threshold))
+        if threshold < 0:
+            threshold = s.score_threshold
         t0 = time.monotonic()
         with self._engine_lock:
             seg = self._segmenter
@@ -474,7 +512,7 @@ class PerceptionNode(LifecycleNode):
                                      max_instances=s.max_instances or None)
             except ValueError as exc:
                 response.message = str(exc)
-                self._warn(f"segment request rejected: {exc}")
+                self._warn("segment_rejected", f"segment request rejected: {exc}")
                 return response
         header = request.image.header
         age = (self.get_clock().now().nanoseconds - stamp_ns(header.stamp)) * 1e-9
@@ -504,7 +542,7 @@ class PerceptionNode(LifecycleNode):
             status.level, status.message = DiagnosticStatus.WARN, "inactive (no model loaded)"
         elif not ins.text:
             status.level, status.message = DiagnosticStatus.OK, "waiting for an instruction"
-        elif rate == 0.0:
+        elif rate <= 0.0:
             status.level, status.message = DiagnosticStatus.WARN, "no images arriving"
         elif st.last_age > 1.0:
             status.level, status.message = DiagnosticStatus.WARN, "results are stale"
@@ -524,6 +562,14 @@ class PerceptionNode(LifecycleNode):
         arr.header.stamp = self.get_clock().now().to_msg()
         arr.status = [status]
         self._pub_diag.publish(arr)
+
+
+def _category(prefix: str, problem) -> str:
+    """A rate-limit category from a fixed set: ImageError.kind, the exception type, or
+    the fixed opening words of a warning from a known template (no user data)."""
+    if isinstance(problem, BaseException):
+        return f"{prefix}:{getattr(problem, 'kind', type(problem).__name__)}"
+    return f"{prefix}:{re.sub(r'[0-9]+', '#', ' '.join(str(problem).split()[:3]))}"
 
 
 def _msg_types():
@@ -550,7 +596,10 @@ def main(args: list[str] | None = None) -> int:
             if node.trigger_configure() != ok or node.trigger_activate() != ok:
                 node.get_logger().fatal(f"start-up failed: {node.start_error}")
                 return 1
-        executor = SingleThreadedExecutor()
+        # Two threads: the ~/segment service (its own callback group) and everything else
+        # (the node's default, mutually exclusive group). Inference of the stream runs on
+        # the node's own worker thread.
+        executor = MultiThreadedExecutor(num_threads=2)
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):

@@ -61,5 +61,8 @@ cmake -S "$ROOT" -B "$BUILD" \
   -DINSTRUCTSAM_INSTALL_CORE="$INSTALL_CORE" \
   -Wno-dev > "$BUILD/configure.log" 2>&1 || { cat "$BUILD/configure.log" >&2; exit 1; }
 cmake --build "$BUILD" -j "$(nproc)" > "$BUILD/build.log" 2>&1 || { tail -50 "$BUILD/build.log" >&2; exit 1; }
+# The package's share directory is rebuilt whole, so files removed from (or excluded
+# from) the sources do not linger in the prefix.
+rm -rf "$PREFIX/share/instructsam_ros"
 cmake --install "$BUILD" > "$BUILD/install.log" 2>&1 || { tail -50 "$BUILD/install.log" >&2; exit 1; }
 echo "build_ros.sh: installed instructsam_ros into $PREFIX (instructsam_core: $INSTALL_CORE)"

@@ -41,7 +41,10 @@ else
   export PATH="$_isr_venv/bin:$PATH"
   export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
   # Discovery stays on this machine (tests, CI); robots override this.
+  # ROS_AUTOMATIC_DISCOVERY_RANGE is Jazzy+; ROS_LOCALHOST_ONLY is its Humble
+  # equivalent (deprecated but honoured on Jazzy, ignored on Kilted): set both.
   export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
+  export ROS_LOCALHOST_ONLY="${ROS_LOCALHOST_ONLY:-1}"
   unset _isr_site _isr_ld _isr_d
 fi
 unset _isr_root _isr_venv _isr_prefix

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 
 # Set before rclpy initialises anything in this process (and inherited by the node
-# subprocesses). A random domain per run: 1..100 (Fast DDS's port mapping allows 0..232).
-os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 100))
+# subprocesses). A random domain per run over the whole range Fast DDS's port mapping
+# allows (0..232), leaving out the default 0, so parallel runs rarely collide.
+os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().randint(1, 232))
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ["ROS_LOCALHOST_ONLY"] = "1"  # the same on Humble (no discovery range there)
 os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
 
 sys.path.insert(0, str(Path(__file__).parent))  # ros_helpers, whatever the import mode

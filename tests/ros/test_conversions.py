@@ -172,3 +172,21 @@ def test_overlay_is_bgr_same_size_and_colours_masks():
     assert tuple(out[80, 80]) == (b // 2, g // 2, r // 2)  # BGR, alpha 0.5 over black
     assert (out[:20] > 200).all(axis=2).any()  # white banner text (the instruction)
     assert not out[110:, :30].any()  # background stays untouched
+
+
+def test_numpy_to_image_sets_data_as_a_uint8_array(monkeypatch):
+    """array.array('B') is the form the generated setters take without checking every
+    byte in Python (bytes are checked element by element on Humble)."""
+    import array
+
+    import sensor_msgs.msg
+
+    class Recorder:  # the real Image converts whatever it is given: record the raw value
+        header = None
+
+    monkeypatch.setattr(sensor_msgs.msg, "Image", Recorder)
+    rgb = _rgb(4, 6)
+    msg = numpy_to_image(rgb[:, ::-1], "rgb8")  # non-contiguous input is fine too
+    assert type(msg.data) is array.array and msg.data.typecode == "B"
+    assert msg.data.tobytes() == np.ascontiguousarray(rgb[:, ::-1]).tobytes()
+    assert msg.step == 6 * 3

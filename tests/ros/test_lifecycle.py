@@ -29,7 +29,10 @@ def test_manual_lifecycle_without_autostart(start_node, client, make_image):
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
 
+    from diagnostic_msgs.msg import DiagnosticArray
+
     node = start_node(NS, {"autostart": False})
+    diags = client.collector(DiagnosticArray, "/diagnostics")
     assert wait_for(lambda: node.state(client, timeout=2.0), 60, what="get_state") == "unconfigured"
     results = client.collector(InstanceSegmentation, f"{NODE}/instances")
     image = client.node.create_publisher(Image, f"{NS}/image", output_qos())
@@ -59,6 +62,17 @@ def test_manual_lifecycle_without_autostart(start_node, client, make_image):
         assert len(results) == n
 
         assert _change(client, Transition.TRANSITION_ACTIVATE)  # reloads the model
+        # The counters restart at activation: the first rate must not come out negative
+        # (against the previous activation's count) and pass for "running".
+        seen = len(diags)
+        first = wait_for(lambda: next((d.status[0] for d in diags[seen:] if d.status and
+                                       d.status[0].name == f"{NODE}: instructsam perception"
+                                       and not d.status[0].message.startswith("inactive")),
+                                      None), 10, what="diagnostics after re-activation")
+        values = {kv.key: kv.value for kv in first.values}
+        assert values["frames_received"] == "0"
+        assert float(values["input_rate_hz"]) == 0.0
+        assert (first.level, first.message) == (first.WARN, "no images arriving")
         publish_until(image, make_image(stamp=(703, 0))[0], with_stamp(results, (703, 0)))
         assert _change(client, Transition.TRANSITION_DEACTIVATE)
         assert _change(client, Transition.TRANSITION_CLEANUP)
@@ -90,13 +104,46 @@ def test_empty_checkpoint_and_bad_parameter_fail_clearly():
     assert r.returncode == 1 and "device 'gpu0'" in r.stderr
 
 
-def test_sigint_shuts_down_cleanly(start_node, client):
+def test_sigint_while_streaming_shuts_down_cleanly(start_node, client, make_image):
+    """Ctrl-C lands while frames are being processed: a clean exit, no tracebacks."""
+    import threading
+
+    from instructsam_ros.msg import InstanceSegmentation
+    from instructsam_ros.qos import instruction_qos, output_qos
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import String
+
     node = start_node("/t_sigint")
-    node.wait_active(client)
-    t0 = time.monotonic()
-    assert node.stop(timeout=20) == 0
-    assert time.monotonic() - t0 < 10
-    assert "Traceback" not in node.log()
+    results = client.collector(InstanceSegmentation, "/t_sigint/instructsam/instances")
+    image = client.node.create_publisher(Image, "/t_sigint/image", output_qos())
+    instr = client.node.create_publisher(String, "/instruction", instruction_qos())
+    stop = threading.Event()
+
+    frame = make_image(stamp=(800, 0), size=(480, 640))[0]
+
+    def stream():  # ~50 Hz, faster than the model: the worker is always busy
+        while not stop.is_set():
+            frame.header.stamp.nanosec += 1
+            image.publish(frame)
+            stop.wait(0.02)
+
+    streamer = threading.Thread(target=stream, daemon=True)
+    try:
+        instr.publish(String(data="the green apple"))
+        node.wait_active(client)
+        streamer.start()
+        wait_for(lambda: len(results) >= 2, 60, what="results while streaming")
+        t0 = time.monotonic()
+        assert node.stop(timeout=20) == 0
+        assert time.monotonic() - t0 < 10
+    finally:
+        stop.set()
+        if streamer.is_alive():
+            streamer.join(timeout=5)
+        client.node.destroy_publisher(instr)
+        client.node.destroy_publisher(image)
+    log = node.log()
+    assert "Traceback" not in log and "frame failed" not in log, log
 
 
 def test_installed_executable_runs_from_the_install_prefix(tmp_path):
@@ -110,6 +157,9 @@ def test_installed_executable_runs_from_the_install_prefix(tmp_path):
     for sub in ("launch/perception.launch.py", "config/perception.yaml", "rviz/perception.rviz",
                 "msg/InstanceSegmentation.msg", "srv/Segment.srv"):
         assert (prefix / "share" / "instructsam_ros" / sub).is_file(), sub
+    stray = [str(p) for p in (prefix / "share" / "instructsam_ros").rglob("*")
+             if p.name == "__pycache__" or p.suffix == ".pyc"]
+    assert not stray, stray
     # Only the install prefix (plus instructsam_core) on the path: not the checkout.
     import instructsam_core
 

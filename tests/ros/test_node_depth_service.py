@@ -23,8 +23,10 @@ DEPTH_MM = 1500
 
 @pytest.fixture(scope="module")
 def node(start_node, client):
+    # Debug logging for the node's own logger: the service logs when a request starts.
     proc = start_node(NS, {"compressed_input": True, "use_depth": True,
-                           "depth_sync_tolerance": 0.01})
+                           "depth_sync_tolerance": 0.01},
+                      ["--log-level", f"{NS.strip('/')}.instructsam:=debug"])
     proc.wait_active(client)
     return proc
 
@@ -122,6 +124,40 @@ def test_compressed_frame_with_matching_depth_gets_3d_positions(io):
         assert inst.extent.z == pytest.approx(0.0, abs=1e-6) and inst.extent.x > 0
 
 
+def _set_param(client, name, **value):
+    from rcl_interfaces.msg import Parameter, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    req = SetParameters.Request(parameters=[Parameter(name=name, value=ParameterValue(**value))])
+    result = client.call(SetParameters, f"{NODE}/set_parameters", req).results[0]
+    assert result.successful, result.reason
+
+
+def test_depth_published_after_the_image_is_waited_for(io, client):
+    """Aligned depth usually comes after its colour frame: the frame waits for it
+    (up to depth_wait_s) instead of going out without 3D fields."""
+    _set_param(client, "depth_wait_s", type=3, double_value=1.0)
+    try:
+        result = None
+        for attempt in range(5):  # a new stamp per attempt, in case a frame is lost
+            stamp = (510 + attempt, 0)
+            io.image.publish(_compressed(stamp, _scene(4)))
+            time.sleep(0.2)  # the node has the frame before its depth exists
+            io.depth.publish(_depth(stamp))
+            io.info.publish(_info(stamp))
+            try:
+                result = wait_for(with_stamp(io.results, stamp), 15, what="the result")
+                break
+            except AssertionError:
+                continue
+        assert result is not None, "no frame answered"
+    finally:
+        _set_param(client, "depth_wait_s", type=3, double_value=0.1)
+    assert result.depth_frame_id == "cam_depth_optical"
+    assert result.instances and all(i.has_position for i in result.instances)
+    assert result.instances[0].centroid.z == pytest.approx(DEPTH_MM / 1000.0, abs=1e-6)
+
+
 def test_depth_outside_the_tolerance_is_not_used(io, node):
     stamp = (501, 0)
     far = (501, 50_000_000)  # 50 ms away; tolerance is 10 ms
@@ -196,6 +232,9 @@ def test_segment_service_score_threshold_one_finds_nothing_but_succeeds(node, cl
     ("instruction", "instruction is empty"),
     ("depth size", "depth is 80x30 but the image is 80x60"),
     ("camera_info", "invalid focal lengths"),
+    ("camera_info size", "camera_info is 640x480 but the depth image is 80x60"),
+    ("nan threshold", "score_threshold nan is not in 0..1"),
+    ("threshold above 1", "score_threshold 1.5 is not in 0..1"),
 ])
 def test_segment_service_rejects_bad_requests_and_keeps_serving(node, client, problem,
                                                                expected):
@@ -209,9 +248,48 @@ def test_segment_service_rejects_bad_requests_and_keeps_serving(node, client, pr
         req.instruction = "   "
     elif problem == "depth size":
         req.depth = numpy_to_image(np.full((30, W), 1000, np.uint16), "16UC1", req.depth.header)
-    else:
+    elif problem == "camera_info":
         req.camera_info.k = [0.0] * 9
+    elif problem == "camera_info size":
+        req.camera_info.width, req.camera_info.height = 640, 480
+    elif problem == "nan threshold":
+        req.score_threshold = float("nan")
+    else:
+        req.score_threshold = 1.5
     resp = client.call(Segment, f"{NODE}/segment", req)
     assert not resp.success and expected in resp.message
     ok = client.call(Segment, f"{NODE}/segment", _request(depth=False))
     assert ok.success and ok.result.instances
+
+
+def test_other_callbacks_are_served_while_the_service_computes(node, client):
+    """~/segment runs in its own callback group on a multi-threaded executor: a parameter
+    request sent while an inference is in flight is answered before the inference ends."""
+    from instructsam_ros.conversions import numpy_to_image
+    from instructsam_ros.srv import Segment
+    from rcl_interfaces.srv import GetParameters
+
+    from instructsam_ros.demo import draw_scene
+
+    seg = client.node.create_client(Segment, f"{NODE}/segment")
+    get = client.node.create_client(GetParameters, f"{NODE}/get_parameters")
+    try:
+        assert seg.wait_for_service(timeout_sec=30) and get.wait_for_service(timeout_sec=30)
+        req = _request(depth=False, ident=4343)
+        # A 4K frame keeps the tiny model busy for a few tenths of a second.
+        req.image = numpy_to_image(draw_scene((2160, 3840), 5), "rgb8", req.image.header)
+        future = seg.call_async(req)
+        wait_for(lambda: "segment request 4343 received" in node.log() or future.done(), 60,
+                 what="the service to start")
+        answered_while_busy = False
+        while not future.done() and not answered_while_busy:
+            reply = get.call_async(GetParameters.Request(names=["score_threshold"]))
+            wait_for(lambda: reply.done() or future.done(), 60, interval=0.005,
+                     what="either answer")
+            answered_while_busy = reply.done() and not future.done()
+        wait_for(future.done, 60, what="the service answer")
+        assert future.result().success, future.result().message
+        assert answered_while_busy, "the parameter request waited for the inference"
+    finally:
+        client.node.destroy_client(seg)
+        client.node.destroy_client(get)

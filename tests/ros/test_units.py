@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from instructsam_ros import params
-from instructsam_ros.geometry import Intrinsics, mask_position
+from instructsam_ros.geometry import Intrinsics, check_camera_info_size, mask_position
 from instructsam_ros.instruction import InstructionError, InstructionState, clean_instruction
 from instructsam_ros.sync import StampBuffer
 
@@ -57,14 +57,84 @@ def _stamped(sec, nsec):
 
 
 def test_stamp_buffer_returns_nearest_within_tolerance():
-    buf = StampBuffer(size=3)
-    for ns in (0, 33_000_000, 66_000_000, 99_000_000):  # the first falls out (size 3)
+    buf = StampBuffer(keep_s=0.07)  # sized by time: keeps stamps within 70 ms of the newest
+    for ns in (0, 33_000_000, 66_000_000, 99_000_000):  # the first falls out (99 ms old)
         buf.add(_stamped(10, ns))
     assert len(buf) == 3
     q = _stamped(10, 70_000_000).header.stamp
     assert buf.nearest(q, 0.01).header.stamp.nanosec == 66_000_000
     assert buf.nearest(_stamped(10, 0).header.stamp, 0.01) is None  # evicted, 33 ms away
     assert buf.nearest(_stamped(11, 0).header.stamp, 0.5) is None
+
+
+def test_stamp_buffer_keeps_by_time_whatever_the_rate_and_resets_on_time_jumps():
+    buf = StampBuffer(keep_s=2.0)
+    for i in range(100):  # 100 Hz for 1 s: all kept (a count-sized buffer of 30 would not)
+        buf.add(_stamped(10, i * 10_000_000))
+    assert len(buf) == 100
+    assert buf.nearest(_stamped(10, 0).header.stamp, 0.001) is not None
+    buf.add(_stamped(13, 0))  # 3 s later: everything older than 2 s goes
+    assert len(buf) == 1
+    buf.add(_stamped(5, 0))  # stamp jumped back (bag loop): the future entries go
+    assert len(buf) == 1 and buf.nearest(_stamped(13, 0).header.stamp, 0.1) is None
+
+
+def test_stamp_buffer_waits_for_a_match_that_arrives_later():
+    import threading
+
+    buf = StampBuffer()
+    want = _stamped(20, 500)
+    adder = threading.Timer(0.05, buf.add, args=(_stamped(20, 1000),))
+    adder.start()
+    try:
+        got = buf.wait_nearest(want.header.stamp, 0.01, timeout_s=30.0)
+    finally:
+        adder.cancel()
+    assert got is not None and got.header.stamp.nanosec == 1000
+
+
+def test_stamp_buffer_wait_ends_early_when_the_stream_has_moved_past():
+    import time
+
+    buf = StampBuffer()
+    buf.add(_stamped(20, 900_000_000))  # newer than the wanted stamp + tolerance
+    t0 = time.monotonic()
+    assert buf.wait_nearest(_stamped(20, 0).header.stamp, 0.01, timeout_s=30.0) is None
+    assert buf.wait_nearest(_stamped(21, 0).header.stamp, 0.01, timeout_s=30.0,
+                            cancelled=lambda: True) is None
+    assert time.monotonic() - t0 < 10.0  # neither waited out its 30 s
+    assert buf.wait_nearest(_stamped(21, 0).header.stamp, 0.01, timeout_s=0.0) is None
+
+
+def test_camera_info_size_must_match_the_depth_image():
+    from sensor_msgs.msg import CameraInfo
+
+    check_camera_info_size(CameraInfo(width=80, height=60), 60, 80)
+    check_camera_info_size(CameraInfo(), 60, 80)  # size not filled in: accepted
+    with pytest.raises(ValueError, match="camera_info is 640x480 but the depth image is 80x60"):
+        check_camera_info_size(CameraInfo(width=640, height=480), 60, 80)
+
+
+def test_warnings_are_rate_limited_per_category_in_a_bounded_table(ros):
+    from instructsam_ros.perception_node import PerceptionNode, _category
+    from instructsam_ros.conversions import ImageError
+
+    node = PerceptionNode(node_name="warn_probe")
+    try:
+        logged = []
+        logger = type("L", (), {"warning": lambda self, text: logged.append(text)})()
+        node.get_logger = lambda: logger
+        for i in range(500):  # texts that differ every time (sizes, stamps, user input)
+            node._warn(_category("bad_image", ImageError(f"truncated: {i} bytes", "truncated")),
+                       f"image skipped: truncated: {i} bytes")
+            node._warn(_category("instruction_cleaned",
+                                 f"instruction is {i} characters long; cut"), f"cut {i}")
+        assert len(node._warned) == 2
+        assert logged == ["image skipped: truncated: 0 bytes", "cut 0"]
+        node._warn(_category("bad_image", ImageError("unsupported", "encoding")), "other kind")
+        assert logged[-1] == "other kind"  # another problem is not hidden by the first
+    finally:
+        node.destroy_node()
 
 
 def test_clean_instruction_caps_strips_and_rejects():
@@ -127,17 +197,47 @@ def test_params_file_sets_only_declared_parameters():
         assert type(value) is type(table[name].default), f"{name}: {value!r}"
 
 
+def _launch_tree():
+    # launch/launch_ros cannot be installed here and are not stubbed: the launch file is
+    # checked by reading its source.
+    return ast.parse((REPO / "launch" / "perception.launch.py").read_text())
+
+
+def _calls(tree, name):
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+            and (getattr(n.func, "id", "") == name or getattr(n.func, "attr", "") == name)]
+
+
+def _kwargs(call):
+    return {k.arg: k.value for k in call.keywords}
+
+
 def test_launch_file_passes_only_declared_parameters_and_known_remaps():
-    tree = ast.parse((REPO / "launch" / "perception.launch.py").read_text())
-    node_calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
-                  and getattr(n.func, "id", "") == "Node"
-                  and any(k.arg == "executable" and getattr(k.value, "value", "") ==
-                          "perception_node" for k in n.keywords)]
-    assert len(node_calls) == 1
-    kw = {k.arg: k.value for k in node_calls[0].keywords}
-    passed = [k.value for d in ast.walk(kw["parameters"]) if isinstance(d, ast.Dict)
-              for k in d.keys]
-    assert passed and set(passed) <= set(params.specs())
+    tree = _launch_tree()
+    nodes = [c for c in _calls(tree, "Node")
+             if getattr(_kwargs(c).get("executable"), "value", "") == "perception_node"]
+    assert len(nodes) == 1
+    kw = _kwargs(nodes[0])
+    assert kw["name"].value == "instructsam"
     remapped = [t.elts[0].value for t in kw["remappings"].elts]
     assert set(remapped) == {"image", "image/compressed", "depth", "camera_info"}
-    assert kw["name"].value == "instructsam"
+    # The parameters it can override are node parameters, each also a launch argument.
+    overrides = next(n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                     and getattr(n.targets[0], "id", "") == "OVERRIDES")
+    names = {e.value for e in overrides.elts}
+    declared = {c.args[0].value for c in _calls(tree, "DeclareLaunchArgument")}
+    assert names and names <= set(params.specs()) and names <= declared
+    assert {"params_file", "rviz", "namespace", "image", "depth", "camera_info"} <= declared
+    # Overrides are typed as strings, so a value like "1234" stays a string parameter.
+    values = _calls(tree, "ParameterValue")
+    assert values and all(getattr(_kwargs(v).get("value_type"), "id", "") == "str" for v in values)
+
+
+def test_launch_file_starts_rviz_only_on_request_and_defaults_defer_to_the_params_file():
+    tree = _launch_tree()
+    rviz = [c for c in _calls(tree, "Node") if getattr(_kwargs(c).get("executable"), "value", "") == "rviz2"]
+    assert len(rviz) == 1 and "condition" in _kwargs(rviz[0])
+    defaults = {c.args[0].value: _kwargs(c)["default_value"] for c in _calls(tree, "DeclareLaunchArgument")}
+    # Empty defaults mean "keep the params file's value"; rviz is off unless asked for.
+    assert defaults["checkpoint"].value == "" and defaults["device"].value == ""
+    assert defaults["rviz"].value == "false"
