@@ -45,11 +45,13 @@ def result_to_msg(result, header, instruction: str, instruction_id: int, *,
     msg.header = header
     msg.instruction = instruction
     msg.instruction_id = int(instruction_id)
-    # Phrases in generation order, so Instance.phrase_index indexes this list.
-    n_phrases = int(result.phrase_indices.max()) + 1 if len(result) else 0
-    phrases = [""] * n_phrases
-    for p, i in zip(result.phrases, result.phrase_indices):
-        phrases[int(i)] = p
+    # Phrases in generation order, so Instance.phrase_index indexes this list. The
+    # engine's target_phrases keeps phrases that found nothing too.
+    phrases = list(result.target_phrases)
+    if not phrases and len(result):  # a Result made without them: rebuild from the instances
+        phrases = [""] * (int(result.phrase_indices.max()) + 1)
+        for p, i in zip(result.phrases, result.phrase_indices):
+            phrases[int(i)] = p
     msg.phrases = phrases
     msg.generated_text = result.generated_text
     use_depth = depth is not None and depth.metres.shape == tuple(result.image_size)

@@ -223,6 +223,7 @@ def test_segment_service_score_threshold_one_finds_nothing_but_succeeds(node, cl
     req.score_threshold = 1.0
     resp = client.call(Segment, f"{NODE}/segment", req)
     assert resp.success and len(resp.result.instances) == 0
+    assert list(resp.result.phrases) == [req.instruction]  # what was looked for, found nowhere
     labels = np.frombuffer(bytes(resp.result.label_image.data), np.uint16)
     assert labels.size == H * W and not labels.any()
 
