@@ -120,3 +120,27 @@ def test_backward_reaches_queries_projections_and_sam3(tiny_tester):
     assert model.mask_hidden_fcs[0][0].weight.grad.abs().sum() > 0
     assert model.text_hidden_fcs[0][2].weight.grad.abs().sum() > 0
     assert model.grounding_model.detr_decoder.layers[0].mlp.fc1.weight.grad.abs().sum() > 0
+
+
+def test_padded_batch_equals_single_rows(tiny_model, tiny_tester):
+    model, tok = tiny_model
+    a = tiny_tester.prepare_inputs(model, tok, instruction="the red mug", phrases=("red mug",), seed=1)
+    b = tiny_tester.prepare_inputs(model, tok, instruction="all the cups on the tray please",
+                                   phrases=("cups", "tray"), seed=2)
+    rows = [a.prompt_ids + a.answer_ids, b.prompt_ids + b.answer_ids]
+    length = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (length - len(r)) for r in rows])  # right padding
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+    sam = type(a.sam)(tuple(torch.cat([x, y]) for x, y in zip(a.sam.fpn_hidden_states, b.sam.fpn_hidden_states)),
+                      tuple(torch.cat([x, y]) for x, y in zip(a.sam.fpn_position_encoding, b.sam.fpn_position_encoding)))
+    with torch.no_grad():
+        batch = model(ids, mask, [a.vision, b.vision], sam)
+        singles = [model(torch.tensor([r]), None, [v], s)
+                   for r, v, s in ((rows[0], a.vision, a.sam), (rows[1], b.vision, b.sam))]
+    assert batch.blocks.batch_index.tolist() == [0, 1, 1]
+    for row, single in enumerate(singles):
+        n = len(rows[row])
+        torch.testing.assert_close(batch.text_logits[row, :n], single.text_logits[0], atol=1e-5, rtol=1e-4)
+    head = torch.cat([singles[0].head.mask_logits, singles[1].head.mask_logits])
+    torch.testing.assert_close(batch.head.mask_logits, head, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(batch.head.logits, torch.cat([s.head.logits for s in singles]), atol=1e-5, rtol=1e-4)
