@@ -86,6 +86,7 @@ class EngineConfig:
     max_new_tokens: int = 64  # generation budget per instruction
     max_instruction_chars: int = 2000  # longer instructions are rejected, not truncated
     system_prompt: str | None = None  # optional system turn of the chat template
+    batch_size: int = 8  # frames encoded together by segment_batch
 
 
 # --------------------------------------------------------------------------------------

@@ -18,10 +18,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .backends import Backend, FrameFeatures, available_backends, create_backend
+from .backends import Backend, FrameFeatures, FrameInput, available_backends, create_backend
 from .checkpoint import build_model, load_checkpoint
 from .config import PRESETS, EngineConfig, preset
-from .model.generation import LogitsProcessor
+from .model.generation import Generation, LogitsProcessor
+from .model.sam3_head import HeadOutput
 from .postprocess import slots_to_result
 from .processing import build_prompt_ids, build_prompt_prefix_ids, preprocess_sam, preprocess_vlm, validate_rgb
 from .result import Result
@@ -150,17 +151,20 @@ class Segmenter:
         if key is not None and key == self._frame_key and self._frame is not None:
             self._encode_seconds = 0.0
             return
-        cfg = self.model.config
         start = time.perf_counter()
-        vlm = preprocess_vlm(image, min_pixels=cfg.vlm_min_pixels, max_pixels=cfg.vlm_max_pixels)
-        sam = preprocess_sam(image, cfg.sam_image_size)
-        prefix = build_prompt_prefix_ids(self.tokenizer, vlm.num_tokens, self.model.token_ids,
-                                         self.config.system_prompt)
-        self._frame = self.backend.encode_frame(vlm.pixel_values, vlm.grid_thw, sam, prefix)
+        self._frame = self.backend.encode_frames([self._frame_input(image)])[0]
         self._synchronize()
         self._encode_seconds = time.perf_counter() - start
         self._frame_key = key
         self._image_size = image.shape[:2]
+
+    def _frame_input(self, image: np.ndarray) -> FrameInput:
+        """Preprocess a validated RGB frame for both encoders, with its prompt prefix."""
+        cfg = self.model.config
+        vlm = preprocess_vlm(image, min_pixels=cfg.vlm_min_pixels, max_pixels=cfg.vlm_max_pixels)
+        prefix = build_prompt_prefix_ids(self.tokenizer, vlm.num_tokens, self.model.token_ids,
+                                         self.config.system_prompt)
+        return FrameInput(vlm.pixel_values, vlm.grid_thw, preprocess_sam(image, cfg.sam_image_size), prefix)
 
     def reset(self) -> None:
         """Forget the encoded frame."""
@@ -208,43 +212,58 @@ class Segmenter:
         """
         if self._frame is None:
             raise RuntimeError("no image is set: call set_image(rgb) before segment(), or use segment_image()")
+        text, phrase = self._texts(instruction, phrase)
+        threshold, max_instances = self._limits(score_threshold, max_instances)
+        t0 = time.perf_counter()
+        generation = self._generate(self._frame, text, phrase, logits_processors)
+        t1 = time.perf_counter()
+        timings = {"image_encode": self._encode_seconds, "generate": t1 - t0}
+        self._encode_seconds = 0.0  # the encode is charged to the first instruction only
+        head = self.backend.segment_phrases([(self._frame, generation)])[0] if generation.phrases else None
+        self._synchronize()
+        timings["mask_head"] = time.perf_counter() - t1
+        return self._to_result(generation, head, self._image_size, threshold, max_instances, timings)
+
+    def _texts(self, instruction: str, phrase: str | None) -> tuple[str, str | None]:
+        """The validated instruction and the phrase to force (None: generate it)."""
         text = self.validate_instruction(instruction)
         if phrase is None and self.phrase_mode == "instruction":
             phrase = text
-        if phrase is not None:
-            phrase = self.validate_instruction(phrase)
+        return text, None if phrase is None else self.validate_instruction(phrase)
+
+    def _limits(self, score_threshold: float | None, max_instances: int | None) -> tuple[float, int | None]:
         threshold = self.config.score_threshold if score_threshold is None else float(score_threshold)
         if not 0.0 <= threshold <= 1.0 or np.isnan(threshold):
             raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
         max_instances = self.config.max_instances if max_instances is None else max_instances
         if max_instances is not None and max_instances < 1:
             raise ValueError(f"max_instances must be >= 1 or None, got {max_instances}")
-        t0 = time.perf_counter()
-        model = self.model
-        prompt = build_prompt_ids(self.tokenizer, text, self._frame.vision.embeds.shape[0], model.token_ids,
+        return threshold, max_instances
+
+    def _generate(self, frame: FrameFeatures, text: str, phrase: str | None,
+                  logits_processors: Sequence[LogitsProcessor] = ()) -> Generation:
+        prompt = build_prompt_ids(self.tokenizer, text, frame.vision.embeds.shape[0], self.model.token_ids,
                                   self.config.system_prompt, phrase)
-        generation = self.backend.generate(self._frame, prompt, self.config.max_new_tokens, logits_processors,
+        generation = self.backend.generate(frame, prompt, self.config.max_new_tokens, logits_processors,
                                            force_phrase_end=phrase is not None)
         self._synchronize()
-        t1 = time.perf_counter()
-        generated_text = self.tokenizer.decode(generation.token_ids, skip_special_tokens=False)
-        timings = {"image_encode": self._encode_seconds, "generate": t1 - t0}
-        self._encode_seconds = 0.0  # the encode is charged to the first instruction only
-        if not generation.phrases:
-            timings.update(mask_head=0.0, postprocess=0.0, total=timings["image_encode"] + timings["generate"])
-            return Result.empty(self._image_size, timings=timings, generated_text=generated_text)
-        head = self.backend.segment_phrases(self._frame, generation)
-        self._synchronize()
-        t2 = time.perf_counter()
-        ref = (model.token_ids.ref_start, model.token_ids.ref_end)
+        return generation
+
+    def _to_result(self, generation: Generation, head: HeadOutput | None, image_size: tuple[int, int],
+                   threshold: float, max_instances: int | None, timings: dict[str, float]) -> Result:
+        """Post-process one answer; `timings` gets `postprocess` and `total`."""
+        start = time.perf_counter()
+        ref = (self.model.token_ids.ref_start, self.model.token_ids.ref_end)
         phrases = [self.tokenizer.decode([t for t in p.token_ids if t not in ref]).strip() for p in generation.phrases]
-        result = slots_to_result(head.mask_logits, head.scores(), phrases, self._image_size, threshold,
-                                 self.config.mask_nms_iou, max_instances)
-        t3 = time.perf_counter()
-        timings.update(mask_head=t2 - t1, postprocess=t3 - t2)
+        if head is None:
+            result = Result.empty(image_size)
+        else:
+            result = slots_to_result(head.mask_logits, head.scores(), phrases, image_size, threshold,
+                                     self.config.mask_nms_iou, max_instances)
+        timings["postprocess"] = time.perf_counter() - start
         timings["total"] = sum(timings.values())
         result.timings = timings
-        result.generated_text = generated_text
+        result.generated_text = self.tokenizer.decode(generation.token_ids, skip_special_tokens=False)
         result.target_phrases = phrases
         return result
 
@@ -254,23 +273,52 @@ class Segmenter:
         return self.segment(instruction, **kwargs)
 
     def segment_batch(self, images: Sequence[np.ndarray], instructions: Sequence[str],
-                      keys: Sequence[Hashable] | None = None, **kwargs) -> list[Result]:
+                      score_threshold: float | None = None, max_instances: int | None = None,
+                      batch_size: int | None = None) -> list[Result]:
         """Many (image, instruction) pairs, for benchmarks.
 
-        Pairs run one after another (generation injects query blocks at different steps
-        per sample, so rows are not stacked); consecutive pairs with the same key reuse the
-        frame encoding. A bad pair raises, naming its index.
+        Frames are encoded `batch_size` at a time (both image encoders in one call) and the
+        SAM3 head runs once over every phrase of the batch; the LLM answers each pair on its
+        own (query blocks enter at different steps per answer). Each result's
+        `image_encode` and `mask_head` timings are its share of the batch's. Inputs are all
+        checked first: a bad pair raises ValueError naming its index, before any work.
+        Does not touch the frame of `set_image`.
         """
+        if self._released:
+            raise RuntimeError("this Segmenter was released; load a new one with Segmenter.from_pretrained")
         if len(images) != len(instructions):
             raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
-        if keys is not None and len(keys) != len(images):
-            raise ValueError(f"{len(keys)} keys for {len(images)} images")
-        results = []
+        threshold, max_instances = self._limits(score_threshold, max_instances)
+        checked = []
         for i, (image, instruction) in enumerate(zip(images, instructions)):
             try:
-                results.append(self.segment_image(image, instruction, key=None if keys is None else keys[i], **kwargs))
+                checked.append((validate_rgb(image), *self._texts(instruction, None)))
             except ValueError as err:
                 raise ValueError(f"pair {i}: {err}") from err
+        size = batch_size or self.config.batch_size
+        results: list[Result] = []
+        for start in range(0, len(checked), size):
+            chunk = checked[start:start + size]
+            t0 = time.perf_counter()
+            frames = self.backend.encode_frames([self._frame_input(image) for image, _, _ in chunk])
+            self._synchronize()
+            encode_share = (time.perf_counter() - t0) / len(chunk)
+            generations, generate_times = [], []
+            for frame, (_, text, phrase) in zip(frames, chunk):
+                t1 = time.perf_counter()
+                generations.append(self._generate(frame, text, phrase))
+                generate_times.append(time.perf_counter() - t1)
+            answered = [i for i, g in enumerate(generations) if g.phrases]
+            t2 = time.perf_counter()
+            heads = self.backend.segment_phrases([(frames[i], generations[i]) for i in answered]) if answered else []
+            self._synchronize()
+            head_share = (time.perf_counter() - t2) / max(1, len(answered))
+            head_of = dict(zip(answered, heads))
+            for i, ((image, _, _), generation) in enumerate(zip(chunk, generations)):
+                timings = {"image_encode": encode_share, "generate": generate_times[i],
+                           "mask_head": head_share if i in head_of else 0.0}
+                results.append(self._to_result(generation, head_of.get(i), image.shape[:2], threshold,
+                                               max_instances, timings))
         return results
 
     def _synchronize(self) -> None:

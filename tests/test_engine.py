@@ -86,6 +86,19 @@ def test_segment_batch_matches_single_calls(tiny_segmenter, image):
         tiny_segmenter.segment_batch(images, ["mug", ""])
 
 
+def test_segment_batch_encodes_frames_together_and_runs_the_head_once_per_chunk(tiny_checkpoint, monkeypatch):
+    seg = Segmenter.from_pretrained(str(tiny_checkpoint), phrase_mode="instruction")
+    calls = {"encode": [], "head": []}
+    encode, head = seg.backend.encode_frames, seg.backend.segment_phrases
+    monkeypatch.setattr(seg.backend, "encode_frames", lambda frames: calls["encode"].append(len(frames)) or encode(frames))
+    monkeypatch.setattr(seg.backend, "segment_phrases", lambda answers: calls["head"].append(len(answers)) or head(answers))
+    images = [tabletop_scene(64, 48, seed=s).image for s in range(3)]
+    results = seg.segment_batch(images, ["the mug", "a pear", "the tray"], score_threshold=0.0, batch_size=2)
+    assert calls == {"encode": [2, 1], "head": [2, 1]}
+    assert [r.target_phrases for r in results] == [["the mug"], ["a pear"], ["the tray"]]
+    assert all(r.timings["image_encode"] > 0 and r.timings["mask_head"] > 0 for r in results)
+
+
 def test_generate_mode_with_a_scripted_answer(tiny_checkpoint, image):
     from instructsam_core.processing import encode_text
     from instructsam_core.testing import ScriptedAnswer

@@ -14,6 +14,16 @@ from ..model.sam3_head import HeadOutput
 
 
 @dataclass
+class FrameInput:
+    """One preprocessed frame: Qwen3-VL patches and grid, SAM3 pixels, prompt prefix ids."""
+
+    vlm_pixels: torch.Tensor
+    grid_thw: tuple[int, int, int]
+    sam_pixels: torch.Tensor
+    prefix_ids: list[int]
+
+
+@dataclass
 class FrameFeatures:
     """Everything computed once per frame and reused by every instruction on it."""
 
@@ -37,10 +47,10 @@ class Backend(ABC):
         self.dtype = dtype
 
     @abstractmethod
-    def encode_frame(self, vlm_pixels: torch.Tensor, grid_thw: tuple[int, int, int],
-                     sam_pixels: torch.Tensor, prefix_ids: list[int]) -> FrameFeatures:
-        """Both image encoders on one preprocessed frame, and the LLM over the prompt prefix
-        (`prefix_ids`, ending with the image) that every instruction on it shares."""
+    def encode_frames(self, frames: Sequence[FrameInput]) -> list[FrameFeatures]:
+        """Both image encoders on preprocessed frames (batched where the backend can), and
+        the LLM over each frame's prompt prefix (ending with the image), which every
+        instruction on that frame shares."""
 
     @abstractmethod
     def generate(self, frame: FrameFeatures, prompt_ids: list[int], max_new_tokens: int,
@@ -48,8 +58,9 @@ class Backend(ABC):
         """The LLM answer with a query block per phrase; `prompt_ids` starts with the frame's prefix."""
 
     @abstractmethod
-    def segment_phrases(self, frame: FrameFeatures, generation: Generation) -> HeadOutput:
-        """The SAM3 head for every phrase of `generation`: `(P, K, ...)` outputs."""
+    def segment_phrases(self, answers: Sequence[tuple[FrameFeatures, Generation]]) -> list[HeadOutput]:
+        """The SAM3 head for every phrase of each (frame, generation) pair, batched across
+        pairs where the backend can: one `(P_i, K, ...)` output per pair."""
 
     def release(self) -> None:
         """Free device memory (the model stays usable after moving back)."""

@@ -70,6 +70,12 @@ class SamFeatures:
         return SamFeatures(tuple(f[index] for f in self.fpn_hidden_states),
                            tuple(p[index] for p in self.fpn_position_encoding))
 
+    @staticmethod
+    def cat(features: list["SamFeatures"]) -> "SamFeatures":
+        """Stack the rows of several feature sets, in order."""
+        return SamFeatures(tuple(torch.cat(level) for level in zip(*(f.fpn_hidden_states for f in features))),
+                           tuple(torch.cat(level) for level in zip(*(f.fpn_position_encoding for f in features))))
+
 
 @dataclass
 class PhraseBlocks:
@@ -193,14 +199,24 @@ class InstructSam(nn.Module):
 
     def encode_image_vlm(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> VisionTokens:
         """Qwen3-VL vision tower on one image's patches `(N_patches, C*T*P*P)`."""
+        return self.encode_images_vlm([pixel_values], [grid_thw])[0]
+
+    def encode_images_vlm(self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]]
+                          ) -> list[VisionTokens]:
+        """Qwen3-VL vision tower on several images in one call (their patches concatenated)."""
         visual = self.vlm.model.visual
-        grid = torch.tensor([grid_thw], dtype=torch.long, device=pixel_values.device)
-        out = visual(pixel_values.to(visual.dtype), grid_thw=grid)
+        device = pixel_values[0].device
+        grid = torch.tensor([list(g) for g in grids], dtype=torch.long, device=device)
+        out = visual(torch.cat(pixel_values).to(visual.dtype), grid_thw=grid)
         if isinstance(out, tuple):  # older transformers return (embeds, deepstack)
             embeds, deepstack = out
         else:
             embeds, deepstack = out.pooler_output, out.deepstack_features
-        return VisionTokens(embeds=embeds, deepstack=list(deepstack), grid_thw=tuple(int(v) for v in grid_thw))
+        merge = self.vlm.config.vision_config.spatial_merge_size
+        sizes = [t * h * w // merge**2 for t, h, w in grids]
+        per_image = zip(torch.split(embeds, sizes), *(torch.split(d, sizes) for d in deepstack))
+        return [VisionTokens(embeds=e, deepstack=list(ds), grid_thw=tuple(int(v) for v in g))
+                for (e, *ds), g in zip(per_image, grids)]
 
     def encode_image_sam(self, pixel_values: torch.Tensor) -> SamFeatures:
         """SAM3 vision encoder on `(B, 3, S, S)` normalised images."""

@@ -38,6 +38,12 @@ class HeadOutput:
     boxes: torch.Tensor
     presence_logits: torch.Tensor | None = None
 
+    def split(self, sizes: list[int]) -> list["HeadOutput"]:
+        """Per-group outputs of a head run over several groups of rows (`sizes` rows each)."""
+        parts = [torch.split(t, sizes) if t is not None else [None] * len(sizes)
+                 for t in (self.mask_logits, self.logits, self.boxes, self.presence_logits)]
+        return [HeadOutput(*fields) for fields in zip(*parts)]
+
     def scores(self) -> torch.Tensor:
         """`(B, K)` slot probabilities; with a presence token, times its probability."""
         scores = self.logits.sigmoid()
