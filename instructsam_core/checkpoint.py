@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -314,16 +315,10 @@ def save_checkpoint(model: InstructSam, tokenizer, directory: str | os.PathLike,
         backup = target.with_name(target.name + ".old")
         os.replace(target, backup)
         os.replace(tmp, target)
-        _rmtree(backup)
+        shutil.rmtree(backup, ignore_errors=True)
     else:
         os.replace(tmp, target)
     return target
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def build_model(config: InstructSamConfig, seed: int | None = 0, tokenizer=None,
@@ -374,8 +369,6 @@ def from_base_models(qwen_dir: str | os.PathLike, sam3_dir: str | os.PathLike | 
             architecture with random weights (tests, ablations).
         config_fields: `InstructSamConfig` fields (num_queries, phrase_source, ...).
     """
-    from transformers import PreTrainedTokenizerFast  # noqa: F401  (tokenizer type for readers)
-
     from .config import ADDED_TOKENS
 
     qwen_path = Path(qwen_dir)

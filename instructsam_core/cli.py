@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 
 def _load_image(spec: str) -> np.ndarray:
@@ -24,14 +24,14 @@ def _load_image(spec: str) -> np.ndarray:
 
         seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
         return tabletop_scene(seed=seed).image
-    path = Path(spec)
-    if not path.is_file():
-        raise SystemExit(f"error: image {spec} does not exist")
+    from .processing import load_rgb
+
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise SystemExit(f"error: cannot read image {spec}: {err}") from err
+        return load_rgb(spec)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: image {spec} does not exist") from err
+    except ValueError as err:
+        raise SystemExit(f"error: cannot read image: {err}") from err
 
 
 def _atomic_save_png(array: np.ndarray, out: Path) -> None:

@@ -117,6 +117,23 @@ def build_prompt_ids(tokenizer, instruction: str, num_image_tokens: int, ids: To
 
 # ---- images -------------------------------------------------------------------------
 
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """`(H, W, 3)` uint8 RGB of an image file.
+
+    Raises FileNotFoundError when the file is missing and ValueError when it cannot be
+    decoded, each naming the path.
+    """
+    from PIL import UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ValueError(f"unreadable image {path}: {err}") from err
+
+
 def validate_rgb(image: np.ndarray) -> np.ndarray:
     """Check an `(H, W, 3)` uint8 RGB array; raise ValueError saying what is wrong."""
     if not isinstance(image, np.ndarray):

@@ -1,6 +1,5 @@
 """SAM3 driven through our external-query path equals stock SAM3."""
 
-import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 

@@ -96,8 +96,6 @@ class NodeProcess:
 
     def wait_active(self, client: Client, timeout: float = 120.0) -> None:
         """Wait until the node's lifecycle state is 'active' (model loaded)."""
-        from lifecycle_msgs.srv import GetState
-
         def active():
             if self.proc.poll() is not None:
                 raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()}")

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from instructsam_core.processing import load_rgb
+
 
 class DataError(ValueError):
     """A sample's data is missing or malformed; the runner records it as a failure."""
@@ -203,14 +205,10 @@ def read_rgb(path: Path) -> np.ndarray:
     Raises:
         DataError: the file is missing or unreadable.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image not found: {path}")
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"unreadable image {path}: {e}") from e
+        return load_rgb(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(str(e)) from e
 
 
 def write_label_png(path: Path, masks: np.ndarray) -> None:
