@@ -47,7 +47,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     image = _load_image(args.image)
     try:
-        seg = Segmenter.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
+        seg = Segmenter.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
+                                        max_new_tokens=args.max_new_tokens, mask_nms_iou=args.mask_nms_iou)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: cannot load checkpoint {args.checkpoint!r}: {err}") from err
     # The engine logs the untrained-model warning; the overlay and the JSON say it too.
@@ -79,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: per device)")
     seg.add_argument("--score-threshold", type=float, default=0.5, help="keep instances scoring above this")
     seg.add_argument("--max-instances", type=int, default=None, help="at most this many instances")
+    seg.add_argument("--max-new-tokens", type=int, default=1024,
+                     help="generation budget (the release's 1024); lower cuts long answers' later phrases")
+    seg.add_argument("--mask-nms-iou", type=float, default=None,
+                     help="drop a mask overlapping a better one above this IoU (default: off, as the release)")
     seg.set_defaults(func=cmd_segment)
     return parser
 

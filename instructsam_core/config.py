@@ -81,9 +81,13 @@ class EngineConfig:
     """Inference settings of the `Segmenter` (not part of the model)."""
 
     score_threshold: float = 0.5  # keep slots with score above this (RoboRefIt protocol: 0.5)
-    mask_nms_iou: float = 0.7  # drop a slot whose mask overlaps a better one above this IoU
+    # Off (None) as in the release, which keeps every slot above the threshold; a value
+    # drops a slot whose mask overlaps a better one above this IoU (0.7 is a sane choice).
+    mask_nms_iou: float | None = None
     max_instances: int | None = None  # cap on instances per answer (best first)
-    max_new_tokens: int = 64  # generation budget per instruction
+    # Generation budget per instruction, the release's 1024; a lower value cuts long
+    # answers: phrases after the budget (and a phrase ending on its last token) get no mask.
+    max_new_tokens: int = 1024
     max_instruction_chars: int = 2000  # longer instructions are rejected, not truncated
     system_prompt: str | None = None  # optional system turn of the chat template
     batch_size: int = 8  # frames encoded together by segment_batch

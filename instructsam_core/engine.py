@@ -55,6 +55,25 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return names[dtype]
 
 
+def _checked_size(size: tuple[int, int]) -> tuple[int, int]:
+    h, w = (int(v) for v in size)
+    if h < 1 or w < 1:
+        raise ValueError(f"output_size must be a positive (H, W), got {size}")
+    return h, w
+
+
+def _with_options(config: EngineConfig, options: dict) -> EngineConfig:
+    """`config` with `options` replaced; a ValueError names unknown or impossible ones."""
+    try:
+        updated = replace(config, **options)
+    except TypeError as err:
+        known = sorted(EngineConfig.__dataclass_fields__)
+        raise ValueError(f"unknown engine option in {sorted(options)}; known: {known}") from err
+    if updated.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {updated.max_new_tokens}")
+    return updated
+
+
 class Segmenter:
     """Segments every instance an instruction names, on frames encoded once.
 
@@ -101,11 +120,7 @@ class Segmenter:
         torch_dtype = resolve_dtype(dtype, dev)
         if backend not in available_backends():
             raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
-        try:
-            engine_config = replace(EngineConfig(), **engine_options)
-        except TypeError as err:
-            known = sorted(EngineConfig.__dataclass_fields__)
-            raise ValueError(f"unknown engine option in {sorted(engine_options)}; known: {known}") from err
+        engine_config = _with_options(EngineConfig(), engine_options)
         if path in PRESETS:
             if path != "tiny":
                 raise ValueError(f"preset {path!r} has no embedded weights; pass its checkpoint directory")
@@ -118,6 +133,11 @@ class Segmenter:
         engine = create_backend(backend, model, dev, torch_dtype)
         return cls(engine, tokenizer, engine_config, checkpoint=str(path), is_untrained=untrained,
                    phrase_mode=phrase_mode or default_mode)
+
+    def update_config(self, **engine_options) -> None:
+        """Change engine settings (fields of `EngineConfig`) for the next calls, e.g.
+        `seg.update_config(max_new_tokens=256, mask_nms_iou=0.7)`; unknown names raise."""
+        self.config = _with_options(self.config, engine_options)
 
     @staticmethod
     def available_backends() -> list[str]:
@@ -198,7 +218,8 @@ class Segmenter:
         return text
 
     def segment(self, instruction: str, score_threshold: float | None = None, max_instances: int | None = None,
-                phrase: str | None = None, logits_processors: Sequence[LogitsProcessor] = ()) -> Result:
+                phrase: str | None = None, logits_processors: Sequence[LogitsProcessor] = (),
+                output_size: tuple[int, int] | None = None) -> Result:
         """Segment every instance `instruction` names on the frame given to `set_image`.
 
         Arguments:
@@ -207,13 +228,17 @@ class Segmenter:
             max_instances: at most this many instances, best first.
             phrase: force the target phrase instead of generating it (one phrase).
             logits_processors: applied to each generation step's scores (tests, constraints).
+            output_size: `(H, W)` of the masks and boxes, if not the image's: the mask
+                logits are upsampled straight to it (benchmarks whose ground truth is
+                sized otherwise than the image, as the release evaluates them).
 
-        Returns a `Result`; zero instances means "no target".
+        Returns a `Result`; zero instances means "no target" (its `status` says why).
         """
         if self._frame is None:
             raise RuntimeError("no image is set: call set_image(rgb) before segment(), or use segment_image()")
         text, phrase = self._texts(instruction, phrase)
         threshold, max_instances = self._limits(score_threshold, max_instances)
+        size = self._image_size if output_size is None else _checked_size(output_size)
         t0 = time.perf_counter()
         generation = self._generate(self._frame, text, phrase, logits_processors)
         t1 = time.perf_counter()
@@ -222,7 +247,7 @@ class Segmenter:
         head = self.backend.segment_phrases([(self._frame, generation)])[0] if generation.phrases else None
         self._synchronize()
         timings["mask_head"] = time.perf_counter() - t1
-        return self._to_result(generation, head, self._image_size, threshold, max_instances, timings)
+        return self._to_result(generation, head, size, threshold, max_instances, timings)
 
     def _texts(self, instruction: str, phrase: str | None) -> tuple[str, str | None]:
         """The validated instruction and the phrase to force (None: generate it)."""
@@ -254,7 +279,7 @@ class Segmenter:
         """Post-process one answer; `timings` gets `postprocess` and `total`."""
         start = time.perf_counter()
         ref = (self.model.token_ids.ref_start, self.model.token_ids.ref_end)
-        phrases = [self.tokenizer.decode([t for t in p.token_ids if t not in ref]).strip() for p in generation.phrases]
+        phrases = [self.tokenizer.decode([t for t in ids if t not in ref]).strip() for ids in generation.phrase_token_ids]
         if head is None:
             result = Result.empty(image_size)
         else:
@@ -265,6 +290,7 @@ class Segmenter:
         result.timings = timings
         result.generated_text = self.tokenizer.decode(generation.token_ids, skip_special_tokens=False)
         result.target_phrases = phrases
+        result.status = generation.status
         return result
 
     def segment_image(self, image: np.ndarray, instruction: str, key: Hashable | None = None, **kwargs) -> Result:

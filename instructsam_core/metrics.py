@@ -16,6 +16,10 @@ any benchmark agree to 1e-9:
   GT index) and is a TP if that IoU is ``>= t``; recall = cumTP / all GT instances;
   VOC all-point AP; mAP over ``np.linspace(0.5, 0.95, 10)``. A query without GT yields
   only false positives; with no GT at all AP is 0.
+- ReasonSeg follows LISA, whose evaluation produced the paper's ReasonSeg numbers
+  (`LISA_IOU`): per-sample IoU ``I / (U + 1e-5)``, 1.0 when both masks are empty, and
+  cIoU ``sum I / (sum U + 1e-10)`` (0 when the summed union is 0). Every other benchmark
+  uses `INSTRUCTSAM_IOU` (``I / (U + 1e-12)``; cIoU NaN when the summed union is 0).
 - Averages over an empty set raise; N-acc/T-acc with a zero denominator are NaN.
 - A failed sample (bad data, engine error) scores IoU 0 and is always wrong in the
   no-target confusion: a false negative when its GT is empty (against N-acc), a false
@@ -43,6 +47,32 @@ EPS = 1e-12
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 """IoU thresholds of the instance mAP (0.50:0.05:0.95)."""
+
+
+
+@dataclass(frozen=True)
+class IouFormula:
+    """How a benchmark turns pixel counts into its per-sample IoU and its cIoU.
+
+    Attributes:
+        eps: added to the union of a per-sample IoU, ``I / (U + eps)``.
+        both_empty: per-sample IoU when GT and prediction are both empty.
+        ciou_eps: cIoU is ``sum I / (sum U + ciou_eps)``; None: NaN when ``sum U`` is 0.
+    """
+
+    eps: float = EPS
+    both_empty: float = 0.0
+    ciou_eps: float | None = None
+
+
+INSTRUCTSAM_IOU = IouFormula()
+"""RoboRefIt and InstructSAM's own evaluations: ``I / (U + 1e-12)``, 0 for two empty masks."""
+
+GRES_IOU = IouFormula(both_empty=1.0)
+"""Inst2Seg and gRefCOCO: ``I / (U + 1e-12)``, 1.0 when a no-target sample is answered empty."""
+
+LISA_IOU = IouFormula(eps=1e-5, both_empty=1.0, ciou_eps=1e-10)
+"""ReasonSeg, as LISA's evaluation computes it."""
 
 PRECISION_THRESHOLDS = (0.5, 0.7, 0.9)
 """Thresholds of P@t (share of samples with IoU >= t)."""
@@ -210,7 +240,7 @@ def score_sample(
     *,
     gt_box: Sequence[float] | None = None,
     ignore: Any | None = None,
-    both_empty_iou: float = 0.0,
+    formula: IouFormula = INSTRUCTSAM_IOU,
 ) -> SampleScores:
     """Score one predicted union mask against the GT union mask.
 
@@ -220,14 +250,14 @@ def score_sample(
         gt_box: the dataset's GT box (inclusive-pixel xyxy) if it gives one; otherwise
             the GT mask's tight box is used.
         ignore: pixels left out of the mask IoU (not of the boxes).
-        both_empty_iou: IoU when GT and prediction are both empty after `ignore`. The
-            plain formula gives 0 (RoboRefIt); LISA/GRES/InstructSAM's Inst2Seg use 1.0.
+        formula: the benchmark's IoU formula (its epsilon and its value for two empty
+            masks: 0 for RoboRefIt, 1.0 for LISA/GRES/InstructSAM's Inst2Seg).
     """
     p, g = as_bool_mask(pred_mask), as_bool_mask(gt_mask)
     ov = mask_iou(p, g, ignore)
-    iou = ov.iou
+    iou = ov.intersection / (ov.union + formula.eps)
     if ov.union == 0:
-        iou = float(both_empty_iou)
+        iou = float(formula.both_empty)
     gbox = np.asarray(gt_box, dtype=np.float64) if gt_box is not None else mask_to_box(g)
     biou = box_iou(mask_to_box(p), gbox)
     return SampleScores(
@@ -260,8 +290,8 @@ class SegmentationAccumulator:
     Call `add` per sample (or `add_scores` with stored `SampleScores`), then `summary()`.
     """
 
-    def __init__(self, both_empty_iou: float = 0.0) -> None:
-        self.both_empty_iou = float(both_empty_iou)
+    def __init__(self, formula: IouFormula = INSTRUCTSAM_IOU) -> None:
+        self.formula = formula
         self._iou: list[float] = []
         self._box: list[float] = []
         self._inter = 0
@@ -278,7 +308,7 @@ class SegmentationAccumulator:
             ignore: Any | None = None) -> SampleScores:
         """Score one sample (see `score_sample`), accumulate it and return its scores."""
         s = score_sample(pred_mask, gt_mask, gt_box=gt_box, ignore=ignore,
-                         both_empty_iou=self.both_empty_iou)
+                         formula=self.formula)
         self.add_scores(s)
         return s
 
@@ -307,11 +337,16 @@ class SegmentationAccumulator:
         else:
             self._tn += 1
 
+    def _ciou(self) -> float:
+        if self.formula.ciou_eps is None:
+            return _ratio_or_nan(self._inter, self._union)
+        return self._inter / (self._union + self.formula.ciou_eps)
+
     def summary(self) -> dict[str, float | int]:
         """Metrics over all samples added.
 
-        Keys: ``n``, ``failures``, ``mean_iou`` (mIoU = gIoU), ``ciou`` (sum I / sum U;
-        NaN if the summed union is 0), ``p@0.5``/``p@0.7``/``p@0.9``, ``box_acc@0.5``,
+        Keys: ``n``, ``failures``, ``mean_iou`` (mIoU = gIoU), ``ciou`` (sum I / sum U,
+        as the formula says; NaN if the summed union is 0 and it adds no epsilon), ``p@0.5``/``p@0.7``/``p@0.9``, ``box_acc@0.5``,
         ``box_miou``, ``empty_pred_rate`` (share of empty predictions among the samples
         that ran, failures left out; NaN if all failed), ``n_acc``, ``t_acc`` (NaN
         without no-target / target samples; a failure counts as wrong in both).
@@ -325,7 +360,7 @@ class SegmentationAccumulator:
             "n": int(iou.size),
             "failures": self._failures,
             "mean_iou": _mean(iou, "mask IoU"),
-            "ciou": _ratio_or_nan(self._inter, self._union),
+            "ciou": self._ciou(),
         }
         for t in PRECISION_THRESHOLDS:
             out[f"p@{t:g}"] = _mean(iou >= t, f"P@{t:g}")

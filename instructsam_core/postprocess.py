@@ -2,8 +2,9 @@
 
 Follows the released inference: a slot is kept when its score exceeds the threshold, its
 mask logits are upsampled bilinearly (align_corners=False) to the image size and the
-foreground is logit > 0. On top of that, slots whose masks repeat a better slot's mask
-(IoU above `mask_nms_iou`) are dropped, and so are slots whose mask comes out empty.
+foreground is logit > 0. Slots whose mask comes out empty are dropped (the release keeps
+them); optionally (`mask_nms_iou`, off by default as in the release), so are slots whose
+masks repeat a better slot's mask.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def slots_to_result(
     phrases: list[str],
     image_size: tuple[int, int],
     score_threshold: float,
-    mask_nms_iou: float | None = 0.7,
+    mask_nms_iou: float | None = None,
     max_instances: int | None = None,
 ) -> Result:
     """Turn P phrases x K slots into a `Result`.
@@ -60,7 +61,7 @@ def slots_to_result(
         image_size: `(H, W)` of the original image.
         score_threshold: keep slots with score strictly above this.
         mask_nms_iou: drop a slot whose mask IoU with a kept, better slot exceeds this
-            (None or >= 1 disables).
+            (None or >= 1: off, the release's behaviour).
         max_instances: keep at most this many, best first (None: all).
     """
     P, K = scores.shape

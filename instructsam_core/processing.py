@@ -118,18 +118,22 @@ def build_prompt_ids(tokenizer, instruction: str, num_image_tokens: int, ids: To
 # ---- images -------------------------------------------------------------------------
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """`(H, W, 3)` uint8 RGB of an image file.
+    """`(H, W, 3)` uint8 RGB of an image file, turned upright by its EXIF orientation.
+
+    The release applies the EXIF orientation to both model inputs of an image file (a
+    phone photo tagged "rotate 90" is seen upright), so the one file reader does it here,
+    once; arrays given to `Segmenter.set_image` are taken as they are.
 
     Raises FileNotFoundError when the file is missing and ValueError when it cannot be
     decoded, each naming the path.
     """
-    from PIL import UnidentifiedImageError
+    from PIL import ImageOps, UnidentifiedImageError
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ValueError(f"unreadable image {path}: {err}") from err
 

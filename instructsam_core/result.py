@@ -10,6 +10,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# How the model's answer paired its phrases with query blocks (`Result.status`). The
+# released inference returns masks only when every query block it ran has a closed
+# phrase to go with, in order; otherwise it returns no mask at all. We do the same and
+# say why.
+STATUS_OK = "ok"  # every phrase got its query block (instances may still be 0: none above the threshold)
+STATUS_NO_TARGET = "no_target"  # the answer named no phrase: the model's "nothing to segment"
+STATUS_BUDGET_CUT = "budget_cut"  # max_new_tokens ran out right after a phrase end, before its query block
+STATUS_UNPAIRED = "unpaired_phrases"  # query blocks and closed phrases differ in number (e.g. an
+#   <|object_ref_end|> with no <|object_ref_start|> before it)
+ANSWER_STATUSES = (STATUS_OK, STATUS_NO_TARGET, STATUS_BUDGET_CUT, STATUS_UNPAIRED)
+
 
 @dataclass
 class Result:
@@ -31,8 +42,9 @@ class Result:
         timings: seconds per stage (`image_encode`, `generate`, `mask_head`,
             `postprocess`, `total`); `image_encode` is 0 when the frame was cached.
         generated_text: the model's full answer text (phrases with their tokens).
-        target_phrases: every phrase the answer named, in order; `phrase_indices` index
-            it. Kept when no instance survives, so "looked for X, found none" is visible.
+        target_phrases: every closed phrase the answer named, in order; `phrase_indices`
+            index it. Kept when no instance survives, so "looked for X, found none" is visible.
+        status: why the answer did (or did not) give masks, one of `ANSWER_STATUSES`.
     """
 
     masks: np.ndarray
@@ -45,6 +57,7 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     generated_text: str = ""
     target_phrases: list[str] = field(default_factory=list)
+    status: str = STATUS_OK
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -76,6 +89,7 @@ class Result:
             "image_size": list(self.image_size),
             "generated_text": self.generated_text,
             "target_phrases": list(self.target_phrases),
+            "status": self.status,
             "timings_ms": {k: round(v * 1e3, 3) for k, v in self.timings.items()},
             "instances": [
                 {

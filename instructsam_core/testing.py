@@ -100,3 +100,22 @@ class InstructSamModelTester:
         assert head.mask_logits.shape[:2] == (num_blocks, num_queries), f"mask_logits {tuple(head.mask_logits.shape)}"
         assert head.logits.shape == (num_blocks, num_queries), f"logits {tuple(head.logits.shape)}"
         assert head.boxes.shape == (num_blocks, num_queries, 4), f"boxes {tuple(head.boxes.shape)}"
+
+
+def sideways_jpeg_with_exif(upright: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """JPEG bytes storing `upright` turned 90 degrees, tagged EXIF orientation 6 ("rotate
+    90 clockwise to view"), as phones write portrait photos. Returns the bytes and the
+    stored pixels as decoded (the JPEG is lossy), turned upright: what a reader that
+    honours the tag must return."""
+    import io
+
+    from PIL import Image
+
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))  # counter-clockwise: what the sensor saw
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        decoded = np.asarray(im.convert("RGB"))
+    return buf.getvalue(), np.ascontiguousarray(np.rot90(decoded, k=-1))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .result import Result
+from .result import STATUS_OK, Result
 
 # Distinct colours (RGB) for instances 1, 2, ...; cycled beyond ten.
 PALETTE = np.array([
@@ -38,7 +38,8 @@ def draw_overlay(image: np.ndarray, result: Result, instruction: str = "", alpha
     draw = ImageDraw.Draw(canvas)
     h = image.shape[0]
     font = _font(max(10, h // 40))
-    title = f"{instruction}  [{len(result)} found]" if instruction else f"(no instruction)  [{len(result)} found]"
+    found = f"{len(result)} found" + ("" if result.status == STATUS_OK else f", answer {result.status}")
+    title = f"{instruction or '(no instruction)'}  [{found}]"
     lines = [line for line in (banner, title) if line]
     line_h = draw.textbbox((0, 0), "Ag", font=font)[3] + 2
     banner_h = 4 + line_h * len(lines) + 2

@@ -97,7 +97,11 @@ def image_to_rgb(msg) -> np.ndarray:
 
 
 def compressed_to_rgb(msg) -> np.ndarray:
-    """Decode a sensor_msgs/CompressedImage (JPEG or PNG) into `(H, W, 3)` uint8 RGB."""
+    """Decode a sensor_msgs/CompressedImage (JPEG or PNG) into `(H, W, 3)` uint8 RGB.
+
+    Pixels are taken as stored: an EXIF orientation tag is not applied, so results stay in
+    the camera's pixel frame, aligned with depth and camera_info.
+    """
     from PIL import Image, UnidentifiedImageError
 
     data = bytes(msg.data)

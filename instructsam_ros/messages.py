@@ -54,6 +54,7 @@ def result_to_msg(result, header, instruction: str, instruction_id: int, *,
             phrases[int(i)] = p
     msg.phrases = phrases
     msg.generated_text = result.generated_text
+    msg.status = result.status
     use_depth = depth is not None and depth.metres.shape == tuple(result.image_size)
     if use_depth:
         msg.depth_frame_id = depth.frame_id

@@ -59,6 +59,15 @@ def specs() -> dict[str, Spec]:
                                 range=(0.0, 1.0)),
         "max_instances": Spec(0, "Keep at most this many instances per frame, best first; "
                               "0 = no limit.", range=(0, 1000)),
+        "max_new_tokens": Spec(1024, "Generation budget per instruction, in tokens (the "
+                               "released model's 1024). A lower value answers faster but cuts "
+                               "long answers: phrases past the budget are never generated, and "
+                               "when the budget ends right after a phrase the answer gives no "
+                               "mask at all (status 'budget_cut').", range=(1, 8192)),
+        "mask_nms_iou": Spec(1.0, "Drop an instance whose mask overlaps a better one by more "
+                             "than this IoU. 1.0 = off (as the released model: every slot above "
+                             "the threshold is kept); e.g. 0.7 removes near-duplicates.",
+                             range=(0.0, 1.0)),
         "image_reliability": Spec("best_effort", "QoS reliability of the image (and depth, "
                                   "camera_info) subscriptions. best_effort matches camera "
                                   "drivers' sensor-data QoS.", choices=RELIABILITIES),
@@ -99,6 +108,8 @@ class Settings:
     backend: str = "eager"
     score_threshold: float = 0.5
     max_instances: int = 0
+    max_new_tokens: int = 1024
+    mask_nms_iou: float = 1.0
     image_reliability: str = "best_effort"
     image_qos_depth: int = 1
     compressed_input: bool = False
@@ -115,6 +126,12 @@ class Settings:
         """A copy with some values replaced (unknown names are ignored)."""
         names = {f.name for f in fields(self)}
         return replace(self, **{k: v for k, v in values.items() if k in names})
+
+
+def engine_options(s: Settings) -> dict[str, Any]:
+    """The engine settings (`Segmenter.update_config`) these parameters ask for."""
+    return {"max_new_tokens": s.max_new_tokens,
+            "mask_nms_iou": None if s.mask_nms_iou >= 1.0 else s.mask_nms_iou}
 
 
 def validate(s: Settings) -> str | None:

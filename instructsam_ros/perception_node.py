@@ -278,7 +278,7 @@ class PerceptionNode(LifecycleNode):
         t0 = time.monotonic()
         seg = Segmenter.from_pretrained(s.checkpoint, device=self._device(s),
                                         dtype=None if s.dtype == "auto" else s.dtype,
-                                        backend=s.backend)
+                                        backend=s.backend, **params.engine_options(s))
         self._overlay_banner = ""
         if seg.is_untrained:
             self._overlay_banner = "UNTRAINED demo model: masks are random"
@@ -407,6 +407,7 @@ class PerceptionNode(LifecycleNode):
             # identity (zero or repeated stamps from hand-made publishers).
             seg.set_image(rgb, key=None)
             try:
+                seg.update_config(**params.engine_options(s))
                 result = seg.segment(instruction.text, score_threshold=s.score_threshold,
                                      max_instances=s.max_instances or None)
             except ValueError as exc:
@@ -508,6 +509,7 @@ class PerceptionNode(LifecycleNode):
                 return response
             try:
                 seg.set_image(rgb, key=None)
+                seg.update_config(**params.engine_options(s))
                 result = seg.segment(text, score_threshold=threshold,
                                      max_instances=s.max_instances or None)
             except ValueError as exc:

@@ -150,3 +150,24 @@ def test_unknown_engine_option_and_bad_cap_are_named(tiny_checkpoint, image):
         seg.segment("mug")
     with pytest.raises(RuntimeError, match="was released"):
         seg.set_image(image)
+
+
+def test_an_answer_the_release_cannot_pair_gives_no_instance_and_says_why(tiny_checkpoint, image):
+    from instructsam_core.processing import encode_text
+    from instructsam_core.testing import ScriptedAnswer
+
+    seg = Segmenter.from_pretrained(str(tiny_checkpoint))
+    ids, tok = seg.model.token_ids, seg.tokenizer
+    script = [ids.ref_start] + encode_text(tok, "red mug") + [ids.ref_end]
+    seg.set_image(image)
+    seg.update_config(max_new_tokens=len(script))  # the budget ends on the phrase end
+    r = seg.segment("the red mug", score_threshold=0.0, logits_processors=[ScriptedAnswer(script)])
+    assert (r.status, len(r), r.target_phrases) == ("budget_cut", 0, ["red mug"])
+    assert r.to_json()["status"] == "budget_cut"
+    seg.update_config(max_new_tokens=len(script) + 1)  # one more step runs its query block
+    r = seg.segment("the red mug", score_threshold=0.0, logits_processors=[ScriptedAnswer(script + [ids.im_end])])
+    assert r.status == "ok" and len(r) > 0
+    with pytest.raises(ValueError, match="unknown engine option"):
+        seg.update_config(max_new_token=3)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        seg.update_config(max_new_tokens=0)

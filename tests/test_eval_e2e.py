@@ -101,3 +101,28 @@ def test_real_roborefit_frame_smoke_run(tmp_path):
     assert rec["instruction"] == "I want to get the large yellow pear. Please output the segmentation mask."
     assert (out / "roborefit_example" / rec["mask_png"]).is_file()
     assert "| RoboRefIt | roborefit_example | mask mIoU (%) | n/a |" in proc.stdout
+
+
+def test_gt_sized_otherwise_than_the_upright_image_gets_the_prediction_at_its_size(tmp_path):
+    """An EXIF-rotated photo whose GT was drawn on the stored (sideways) pixels: the
+    prediction is upsampled to the GT's size, as the release does, and counted."""
+    import numpy as np
+    from PIL import Image
+
+    from instructsam_core.sample_images import tabletop_scene
+    from instructsam_core.testing import sideways_jpeg_with_exif
+
+    data, upright = sideways_jpeg_with_exif(tabletop_scene(64, 48, seed=3).image)  # upright 48x64, stored 64x48
+    (tmp_path / "photo.jpg").write_bytes(data)
+    gt = np.zeros((64, 48), np.uint8)
+    gt[10:30, 5:25] = 255
+    Image.fromarray(gt).save(tmp_path / "gt.png")
+    (tmp_path / "q.json").write_text(json.dumps([{"image": "photo.jpg", "text": "the red mug", "mask": "gt.png"}]))
+    out = tmp_path / "out"
+    assert roborefit.main(["--checkpoint", "tiny", "--question-file", str(tmp_path / "q.json"), "--output-dir",
+                           str(out), "--threshold", "0", "--no-progress", "--save-masks"]) == 0
+    s = json.loads((out / "q" / "summary.json").read_text())
+    assert s["failures"] == 0 and s["resized_to_gt"] == 1 and s["answer_status"] == {"ok": 1}
+    record = read_log(out / "q" / "samples.jsonl")[0]
+    assert record["resized_to_gt"] == {"image": [48, 64], "gt": [64, 48]}
+    assert np.asarray(Image.open(out / "q" / record["mask_png"])).shape == (64, 48)

@@ -175,7 +175,7 @@ def test_inst2seg_reads_one_query_per_annotation(tmp_path):
     assert len(s) == 6 and s[0].sample_id == "000000-0" and s[5].sample_id == "000001-2"
     assert s[0].instruction == "the top-left box Please output the segmentation mask."
     assert [len(x.load_gt().instances) for x in s[:3]] == [1, 2, 0]
-    assert s[2].load_gt().size == (48, 64) and s[0].image_size == (48, 64)
+    assert s[2].load_gt().size == (48, 64)
 
 
 def test_reasonseg_groups_and_ignore_mask(tmp_path):

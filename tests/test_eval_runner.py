@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from instructsam_core.metrics import mask_iou
+from instructsam_core.metrics import GRES_IOU, LISA_IOU, mask_iou
 from instructsam_core.result import Result
 from training.eval import inst2seg, reasonseg, roborefit
 from training.eval.readers import read_inst2seg, read_plain, read_reasonseg, read_roborefit, roborefit_official_file
@@ -31,11 +31,11 @@ class StubPredictor:
         self.rect = rect
         self.calls: list[str] = []
 
-    def segment_image(self, image, instruction, key=None, *, score_threshold=0.5):
+    def segment_image(self, image, instruction, key=None, *, score_threshold=0.5, output_size=None):
         self.calls.append(instruction)
         if "boom" in instruction.lower():
             raise RuntimeError("boom")
-        h, w = image.shape[:2]
+        h, w = output_size or image.shape[:2]
         m = rect_mask((h, w), self.rect)
         return Result(masks=m[None], scores=np.array([0.9], np.float32),
                       boxes=np.array([self.rect], np.int64), phrases=["x"],
@@ -146,16 +146,19 @@ def test_bad_data_fails_the_sample_and_the_run_goes_on(tmp_path, official):
     base = tmp_path / "final_dataset" / "testA"
     (base / "image" / "0000001.png").unlink()  # missing image
     (base / "mask" / "0000002.png").write_bytes(b"garbage")  # unreadable PNG
-    Image.fromarray(np.zeros((10, 10), np.uint8)).save(base / "mask" / "0000003.png")  # wrong size
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(base / "mask" / "0000003.png")  # sized otherwise
     cfg = _cfg(tmp_path)
     stats = run_split(StubPredictor(), samples, cfg)
-    assert (stats.ran, stats.failed) == (4, 3)
+    assert (stats.ran, stats.failed) == (4, 2)
     s = _summary(roborefit.SPEC, cfg, samples)
     reasons = {f["id"]: f["reason"] for f in s["failed_samples"]}
     assert "image not found" in reasons["000001"]
     assert "unreadable mask image" in reasons["000002"]
-    assert "GT mask is 10x10 (HxW) but the image is 48x64" in reasons["000003"]
-    assert s["n"] == 4 and s["failures"] == 3
+    # a GT sized otherwise than the image: the prediction is made at the GT's size, as the
+    # release does, and counted
+    assert s["resized_to_gt"] == 1 and s["n"] == 4 and s["failures"] == 2
+    record = read_split_logs(cfg.split_dir)["000003"]
+    assert record["resized_to_gt"] == {"image": [48, 64], "gt": [10, 10]} and record["status"] == "ok"
     assert s["metrics"]["miou"] == pytest.approx(1.0 / 4, abs=1e-9)  # failures score 0 and count
 
 
@@ -220,7 +223,7 @@ def test_latency_excludes_warmup():
 def test_inst2seg_strata_and_instance_map(tmp_path):
     path = write_inst2seg(tmp_path)
     samples = read_inst2seg(path, tmp_path)
-    cfg = RunConfig(split_dir=tmp_path / "out" / "inst2seg", progress=False, both_empty_iou=1.0,
+    cfg = RunConfig(split_dir=tmp_path / "out" / "inst2seg", progress=False, iou=GRES_IOU,
                     instance_ious=True, warmup=0)
     run_split(StubPredictor(rect=(2, 2, 12, 12)), samples, cfg)
     s = _summary(inst2seg.SPEC, cfg, samples)
@@ -242,11 +245,12 @@ def test_inst2seg_strata_and_instance_map(tmp_path):
 def test_reasonseg_reports_short_and_long(tmp_path):
     path = write_reasonseg(tmp_path)
     samples = read_reasonseg(path, tmp_path)
-    cfg = RunConfig(split_dir=tmp_path / "out" / "reason_seg_val", progress=False, both_empty_iou=1.0)
+    cfg = RunConfig(split_dir=tmp_path / "out" / "reason_seg_val", progress=False, iou=reasonseg.SPEC.iou)
+    assert cfg.iou is LISA_IOU
     run_split(StubPredictor(rect=(5, 5, 20, 20)), samples, cfg)
     s = _summary(reasonseg.SPEC, cfg, samples)
     assert set(s["groups"]) == {"long", "short"}
-    assert s["metrics"]["giou"] == pytest.approx(1.0, abs=1e-9)
+    assert s["metrics"]["giou"] == pytest.approx(1.0, abs=1e-6)  # I / (U + 1e-5) for a perfect mask
     assert s["paper"] == {"giou": 62.5, "ciou": 65.0}
 
 
@@ -266,11 +270,12 @@ class FlakyPredictor(StubPredictor):
 
     failing = True
 
-    def segment_image(self, image, instruction, key=None, *, score_threshold=0.5):
+    def segment_image(self, image, instruction, key=None, *, score_threshold=0.5, output_size=None):
         if self.failing:
             self.calls.append(instruction)
             raise RuntimeError("cuda out of memory")
-        return super().segment_image(image, instruction, key, score_threshold=score_threshold)
+        return super().segment_image(image, instruction, key, score_threshold=score_threshold,
+                                     output_size=output_size)
 
 
 def test_unsharded_retry_success_beats_older_failure_in_a_later_sorting_shard_log(tmp_path, official):
@@ -329,7 +334,7 @@ def test_failed_no_target_sample_counts_against_n_acc(tmp_path):
     recs[0]["annotation"][2]["text"] = "boom the purple elephant"  # a no-target query whose engine call fails
     path.write_text(json.dumps(recs))
     samples = read_inst2seg(path, tmp_path)
-    cfg = RunConfig(split_dir=tmp_path / "out" / "inst2seg", progress=False, both_empty_iou=1.0,
+    cfg = RunConfig(split_dir=tmp_path / "out" / "inst2seg", progress=False, iou=GRES_IOU,
                     instance_ious=True, warmup=0)
     run_split(StubPredictor(rect=(2, 2, 12, 12)), samples, cfg)
     s = _summary(inst2seg.SPEC, cfg, samples)

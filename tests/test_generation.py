@@ -128,3 +128,77 @@ def test_release_mode_answers_with_phrases_too(tiny_model, tiny_tester):
     out = generate(model, torch.tensor([inputs.prompt_ids]), inputs.vision, 40,
                    [ScriptedAnswer(_two_phrase_script(model, tok))])
     assert [tok.decode(p.token_ids[1:-1]) for p in out.phrases] == ["red mug", "blue cup"]
+
+
+# ---- malformed answers: what the released inference returns for each shape ----------
+# Tokens: S = <|object_ref_start|>, E = <|object_ref_end|>, words are plain text, "$" = <|im_end|>.
+# Each row: script, budget (None: exactly the script's length), expected status, phrases
+# segmented, closed phrases named.
+MALFORMED_ANSWERS = [
+    pytest.param("S mug E $", 40, "ok", ["mug"], ["mug"], id="well-formed"),
+    pytest.param("mug E $", 40, "unpaired_phrases", [], [], id="end-without-start"),
+    pytest.param("S mug E cup E $", 40, "unpaired_phrases", [], ["mug"], id="stray-end-after-a-phrase"),
+    pytest.param("S red S mug E $", 40, "ok", ["red S mug"], ["red S mug"], id="nested-starts"),
+    pytest.param("S mug E S cup $", 40, "ok", ["mug"], ["mug"], id="start-never-closed"),
+    pytest.param("S mug E", None, "budget_cut", [], ["mug"], id="budget-ends-on-the-only-phrase-end"),
+    pytest.param("S mug E S cup E", None, "budget_cut", [], ["mug", "cup"], id="budget-ends-on-a-later-phrase-end"),
+    pytest.param("cup E S mug E", None, "ok", ["mug"], ["mug"], id="stray-end-then-budget-cut-pair-up"),
+]
+
+
+def _script(model, tok, text: str) -> list[int]:
+    ids = model.token_ids
+    special = {"S": [ids.ref_start], "E": [ids.ref_end], "$": [ids.im_end]}
+    return [t for word in text.split() for t in special.get(word, encode_text(tok, word))]
+
+
+@pytest.mark.parametrize("script, budget, status, segmented, named", MALFORMED_ANSWERS)
+def test_malformed_answers_pair_as_the_release_does(tiny_model, tiny_tester, script, budget, status, segmented,
+                                                    named):
+    model, tok = tiny_model
+    ids = model.token_ids
+    inputs = tiny_tester.prepare_inputs(model, tok)
+    tokens = _script(model, tok, script)
+    out = generate(model, torch.tensor([inputs.prompt_ids]), inputs.vision, budget or len(tokens),
+                   [ScriptedAnswer(tokens)])
+
+    def text(token_ids):  # the phrase between its outer start and end, an inner start spelled "S"
+        parts, run = [], []
+        for t in token_ids[1:-1] + [ids.ref_start]:
+            if t == ids.ref_start:
+                parts += [tok.decode(run), "S"]
+                run = []
+            else:
+                run.append(t)
+        return " ".join(p for p in parts[:-1] if p)
+
+    assert out.status == status
+    assert [text(p.token_ids) for p in out.phrases] == segmented
+    assert [text(t) for t in out.phrase_token_ids] == named
+    assert all(p.query_states.shape == (4, 32) for p in out.phrases)
+
+
+def test_a_phrase_end_on_the_last_step_gets_no_query_block(tiny_model, tiny_tester):
+    model, tok = tiny_model
+    ids = model.token_ids
+    inputs = tiny_tester.prepare_inputs(model, tok)
+    tokens = _script(model, tok, "S mug E")
+    out = generate(model, torch.tensor([inputs.prompt_ids]), inputs.vision, len(tokens), [ScriptedAnswer(tokens)])
+    assert out.token_ids[-1] == ids.ref_end and ids.seg not in out.token_ids
+
+
+def test_a_long_answer_keeps_all_its_phrases(tiny_checkpoint):
+    from instructsam_core.engine import Segmenter
+    from instructsam_core.sample_images import tabletop_scene
+
+    seg = Segmenter.from_pretrained(str(tiny_checkpoint))  # the default budget (1024), as the release
+    assert seg.config.max_new_tokens == 1024
+    words = [f"the {size} {colour} {thing}" for size in ("small", "large") for colour in ("red", "blue")
+             for thing in ("mug", "cup", "bowl", "plate")]
+    ids, tok = seg.model.token_ids, seg.tokenizer
+    script = [t for w in words for t in [ids.ref_start] + encode_text(tok, w) + [ids.ref_end]] + [ids.im_end]
+    assert len(script) > 64  # the old budget would have cut it
+    seg.set_image(tabletop_scene(64, 48, seed=0).image)
+    r = seg.segment("everything on the table", score_threshold=0.0, logits_processors=[ScriptedAnswer(script)])
+    assert r.status == "ok" and r.target_phrases == words
+    assert set(r.phrase_indices.tolist()) <= set(range(len(words))) and len(r) > 0

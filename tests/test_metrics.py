@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from instructsam_core.metrics import (
-    EPS, IOU_THRESHOLDS, InstanceAPAccumulator, SampleScores, SegmentationAccumulator, box_iou,
+    EPS, GRES_IOU, IOU_THRESHOLDS, LISA_IOU, InstanceAPAccumulator, SampleScores, SegmentationAccumulator, box_iou,
     failed_sample, mask_iou, mask_to_box, pairwise_box_iou, pairwise_mask_iou, score_sample,
     voc_average_precision,
 )
@@ -32,7 +32,7 @@ def test_both_empty_scores_zero_by_formula_and_one_when_asked():
     ov = mask_iou(z, z)
     assert (ov.intersection, ov.union, ov.iou) == (0, 0, 0.0)
     assert score_sample(z, z).iou == 0.0
-    s = score_sample(z, z, both_empty_iou=1.0)
+    s = score_sample(z, z, formula=GRES_IOU)
     assert s.iou == 1.0 and s.gt_empty and s.pred_empty and s.box_iou == 0.0
 
 
@@ -158,7 +158,7 @@ def test_average_over_no_samples_raises():
 
 
 def test_nacc_tacc_follow_gres_and_are_nan_without_cases():
-    acc = SegmentationAccumulator(both_empty_iou=1.0)
+    acc = SegmentationAccumulator(GRES_IOU)
     z = np.zeros((3, 3), bool)
     one = _rect(3, 3, 0, 0, 0, 0)
     acc.add(z, z)      # no-target, predicted none: TP
@@ -342,7 +342,7 @@ def test_single_query_tp_fp_sequence_agrees_with_coco_eval():
 
 
 def test_failed_sample_counts_as_wrong_in_the_no_target_confusion():
-    acc = SegmentationAccumulator(both_empty_iou=1.0)
+    acc = SegmentationAccumulator(GRES_IOU)
     z = np.zeros((3, 3), bool)
     one = _rect(3, 3, 0, 0, 0, 0)
     acc.add(z, z)                                      # no-target, predicted none: TP
@@ -354,7 +354,7 @@ def test_failed_sample_counts_as_wrong_in_the_no_target_confusion():
     assert s["t_acc"] == 0.5  # 1 TN / (1 TN + 1 FP)
     assert s["failures"] == 2
     # a no-target split whose only sample failed: N-acc 0, not 1
-    only = SegmentationAccumulator(both_empty_iou=1.0)
+    only = SegmentationAccumulator(GRES_IOU)
     only.add_scores(failed_sample(gt_area=0, gt_empty=True))
     assert only.summary()["n_acc"] == 0.0
 
@@ -374,3 +374,36 @@ def test_empty_pred_rate_is_over_samples_that_ran_not_failures():
     only_failed = SegmentationAccumulator()
     only_failed.add_scores(failed_sample(gt_area=16))
     assert math.isnan(only_failed.summary()["empty_pred_rate"])
+
+
+# ---- ReasonSeg follows LISA ---------------------------------------------------------
+
+
+def test_lisa_per_sample_iou_adds_1e5_and_scores_two_empty_masks_one():
+    pred, gt = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    pred[0, :3] = True  # 3 pixels
+    gt[0, 1:] = True  # 3 pixels, 2 shared: I = 2, U = 4
+    assert score_sample(pred, gt, formula=LISA_IOU).iou == 2 / (4 + 1e-5)
+    assert score_sample(pred, gt).iou == 2 / (4 + 1e-12)  # the other benchmarks' formula
+    empty = np.zeros((4, 4), bool)
+    assert score_sample(empty, empty, formula=LISA_IOU).iou == 1.0
+    assert score_sample(pred, empty, formula=LISA_IOU).iou == 0.0
+
+
+def test_lisa_ciou_adds_1e10_and_is_zero_when_nothing_is_anywhere():
+    acc = SegmentationAccumulator(LISA_IOU)
+    a, b = np.zeros((2, 8), bool), np.zeros((2, 8), bool)
+    a[0, :5], b[0, 2:] = True, True  # I = 3, U = 8
+    acc.add(a, b)
+    acc.add(np.zeros((2, 8), bool), b)  # I = 0, U = 6
+    s = acc.summary()
+    assert s["ciou"] == 3 / (14 + 1e-10)
+    assert s["mean_iou"] == pytest.approx((3 / (8 + 1e-5) + 0.0) / 2, abs=0)
+    nothing = SegmentationAccumulator(LISA_IOU)
+    nothing.add(np.zeros((2, 2), bool), np.zeros((2, 2), bool))
+    assert nothing.summary()["ciou"] == 0.0 and nothing.summary()["mean_iou"] == 1.0
+    plain = SegmentationAccumulator()
+    plain.add(np.zeros((2, 2), bool), np.zeros((2, 2), bool))
+    assert np.isnan(plain.summary()["ciou"])  # the other benchmarks: undefined, not 0
+    with pytest.raises(ValueError):
+        SegmentationAccumulator(LISA_IOU).summary()  # an empty sample set still raises

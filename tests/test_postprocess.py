@@ -63,3 +63,14 @@ def test_nothing_above_threshold_or_empty_masks_is_no_target():
     assert len(r) == 0 and r.masks.shape == (0, 8, 8)
     r = slots_to_result(logits, torch.tensor([[0.1, 0.2]]), ["a"], (8, 8), 0.5)
     assert len(r) == 0 and not r.union_mask().any()
+
+
+def test_overlapping_slots_both_survive_by_default():
+    from instructsam_core.config import EngineConfig
+
+    logits = _logits(1, 2)
+    logits[0, 0, :4, :4] = 5.0
+    logits[0, 1, :4, :5] = 5.0  # IoU 0.8 with slot 0
+    r = slots_to_result(logits, torch.tensor([[0.9, 0.8]]), ["a"], (8, 8), 0.5)
+    assert r.slots.tolist() == [0, 1]  # the release keeps every slot above the threshold
+    assert EngineConfig().mask_nms_iou is None

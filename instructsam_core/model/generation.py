@@ -4,6 +4,11 @@ Whenever the model emits `<|object_ref_end|>`, the next step feeds
 `<|object_ref_end|><|mask_start|>[SEG]xK<|mask_end|>` in one go, as the released model does;
 the last hidden states at the K query positions are that phrase's instance embeddings.
 One instruction may thus yield several phrases, each with its own K slots.
+
+Phrases and query blocks are paired as the released inference pairs them: the phrases are
+found afterwards by a left-to-right scan of the answer (`find_phrase_spans`), the query
+blocks are those actually run, and the i-th block goes with the i-th phrase only when both
+counts agree; otherwise the release returns no masks at all (`result.ANSWER_STATUSES`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from ..result import STATUS_BUDGET_CUT, STATUS_NO_TARGET, STATUS_OK, STATUS_UNPAIRED
 from .attention import hybrid_attention_mask
 from .instructsam import InstructSam, VisionTokens
 from .positions import mrope_positions
@@ -25,7 +31,7 @@ LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class GeneratedPhrase:
-    """One `<ref_start> phrase <ref_end>` span and its query block.
+    """One `<ref_start> phrase <ref_end>` span and the query block paired with it.
 
     Attributes:
         token_ids: ids of `<ref_start> phrase <ref_end>`, capped at `max_phrase_tokens`.
@@ -40,18 +46,44 @@ class GeneratedPhrase:
 
 @dataclass
 class Generation:
-    """What one generation produced: every token after the prompt, and the phrases."""
+    """What one generation produced.
+
+    Attributes:
+        token_ids: every token after the prompt (query blocks included as fed).
+        phrase_token_ids: every closed phrase of the answer, `<ref_start> ... <ref_end>`
+            capped at `max_phrase_tokens`, paired or not.
+        phrases: the phrases paired with a query block; empty unless `status` is "ok".
+        status: how the answer's phrases and query blocks paired (`result.ANSWER_STATUSES`).
+    """
 
     token_ids: list[int] = field(default_factory=list)
+    phrase_token_ids: list[list[int]] = field(default_factory=list)
     phrases: list[GeneratedPhrase] = field(default_factory=list)
+    status: str = STATUS_NO_TARGET
 
 
-def _phrase_span(sequence: list[int], ref_start: int, ref_end_pos: int) -> int:
-    """Position of the `<ref_start>` that opens the phrase ending at `ref_end_pos` (-1 if none)."""
-    for i in range(ref_end_pos - 1, -1, -1):
-        if sequence[i] == ref_start:
-            return i
-    return -1
+def find_phrase_spans(sequence: Sequence[int], ref_start: int, ref_end: int) -> list[tuple[int, int]]:
+    """`(start, end)` positions of the closed phrases in `sequence`, as the release finds them.
+
+    A left-to-right scan: a `<ref_start>` opens a phrase that the first `<ref_end>` after
+    it closes (a `<ref_start>` inside an open phrase is part of the phrase); a
+    `<ref_end>` with no open phrase is skipped; a phrase never closed is no phrase.
+    """
+    spans = []
+    start = -1
+    for pos, token in enumerate(sequence):
+        if token == ref_start and start < 0:
+            start = pos
+        elif token == ref_end and start >= 0:
+            spans.append((start, pos))
+            start = -1
+    return spans
+
+
+def _pairing_status(num_blocks: int, num_phrases: int, budget_cut_on_phrase_end: bool) -> str:
+    if num_blocks == num_phrases:
+        return STATUS_OK if num_blocks else STATUS_NO_TARGET
+    return STATUS_BUDGET_CUT if budget_cut_on_phrase_end else STATUS_UNPAIRED
 
 
 @dataclass
@@ -132,7 +164,7 @@ def generate(
     model: InstructSam,
     prompt_ids: torch.Tensor,
     vision: VisionTokens | None,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 1024,
     logits_processors: Sequence[LogitsProcessor] = (),
     force_phrase_end: bool = False,
     prefix: PromptPrefix | None = None,
@@ -143,7 +175,9 @@ def generate(
         model: the InstructSAM model.
         prompt_ids: `(1, L)` chat prompt with the image placeholders.
         vision: the image's Qwen3-VL tokens (None for a text-only prompt).
-        max_new_tokens: budget for generated tokens; a query block counts as one step.
+        max_new_tokens: budget for generated tokens; a query block counts as one step. As
+            in the release, a phrase end chosen by the last step of the budget gets no
+            query block (the step that would run it never comes).
         logits_processors: applied in order to each step's scores before the argmax.
         force_phrase_end: the prompt already ends in `<ref_start> phrase`; close it at once
             with a query block and stop (the caller forced the phrase, no generation).
@@ -169,35 +203,49 @@ def generate(
     first_state = len(sequence) - hidden.shape[1]
     out = Generation()
     block = [ids.ref_end, ids.mask_start] + [ids.seg] * k + [ids.mask_end]
+    query_blocks: list[torch.Tensor] = []  # (K, H) per block run, in order
+    budget_cut = False
     step_hidden = hidden[:, -1]
-    for _ in range(max_new_tokens):
+    budget = 2 if force_phrase_end else max_new_tokens
+    for step in range(budget):
         if force_phrase_end:
-            token = ids.ref_end if not out.phrases else ids.eos[0]
+            token = ids.ref_end if not query_blocks else ids.eos[0]
         else:
             scores = model.vlm.lm_head(step_hidden).float()
             for processor in logits_processors:
                 scores = processor(torch.tensor([sequence], device=device), scores)
             token = int(scores.argmax(dim=-1))
-        if token in ids.eos:
+        if token in ids.eos or step == budget - 1:
+            # The last token gets no query block (as in the release) and is not run, except
+            # a phrase end: a phrase it closes may still pair and need its hidden state.
+            budget_cut = token == ids.ref_end
+            if budget_cut:
+                hidden, next_pos = _extend(model, cache, torch.tensor([[token]], device=device), next_pos,
+                                           len(sequence))
+                states.append(hidden[0])
+            sequence.append(token)
             out.token_ids.append(token)
             break
         new = block if token == ids.ref_end else [token]
-        past = len(sequence)
-        hidden, next_pos = _extend(model, cache, torch.tensor([new], dtype=torch.long, device=device), next_pos, past,
-                                   is_block=token == ids.ref_end)
+        hidden, next_pos = _extend(model, cache, torch.tensor([new], dtype=torch.long, device=device), next_pos,
+                                   len(sequence), is_block=token == ids.ref_end)
         sequence.extend(new)
         states.append(hidden[0])
         out.token_ids.extend(new)
         step_hidden = hidden[:, -1]
         if token == ids.ref_end:
-            start = _phrase_span(sequence, ids.ref_start, past)
-            span = list(range(start if start >= 0 else past, past + 1))[: model.config.max_phrase_tokens]
-            if span[0] < first_state:
-                raise ValueError("the phrase starts inside the cached prefix")
-            all_states = torch.cat(states)
-            out.phrases.append(GeneratedPhrase(
-                token_ids=[sequence[i] for i in span],
-                query_states=hidden[0, 2:2 + k],
-                phrase_states=all_states[[i - first_state for i in span]],
-            ))
+            query_blocks.append(hidden[0, 2:2 + k])
+
+    cap = model.config.max_phrase_tokens
+    spans = [list(range(start, end + 1))[:cap] for start, end in find_phrase_spans(sequence, ids.ref_start, ids.ref_end)]
+    out.phrase_token_ids = [[sequence[i] for i in span] for span in spans]
+    out.status = _pairing_status(len(query_blocks), len(spans), budget_cut)
+    if out.status != STATUS_OK:
+        return out
+    if spans[0][0] < first_state:
+        raise ValueError("the phrase starts inside the cached prefix")
+    all_states = torch.cat(states)
+    for span, token_ids, query_states in zip(spans, out.phrase_token_ids, query_blocks):
+        out.phrases.append(GeneratedPhrase(token_ids=token_ids, query_states=query_states,
+                                           phrase_states=all_states[[i - first_state for i in span]]))
     return out

@@ -103,6 +103,20 @@ def test_compressed_png_and_jpeg_decode(fmt):
     assert np.abs(out[16, 20].astype(int) - (200, 40, 20)).max() <= tol
 
 
+def test_compressed_jpeg_is_decoded_as_stored_whatever_its_exif_orientation():
+    from sensor_msgs.msg import CompressedImage
+
+    from instructsam_core.testing import sideways_jpeg_with_exif
+
+    rgb = np.zeros((32, 48, 3), np.uint8)
+    rgb[4:12, 6:30] = (200, 40, 20)
+    data, upright = sideways_jpeg_with_exif(rgb)
+    out = compressed_to_rgb(CompressedImage(format="jpeg", data=data))
+    # camera pixels stay in the camera's frame (aligned with depth and camera_info)
+    np.testing.assert_array_equal(out, np.rot90(upright, k=1))
+    assert out.shape == (48, 32, 3)
+
+
 @pytest.mark.parametrize("data", [b"", b"\x89PNG\r\n\x1a\n garbage", b"\xff\xd8\xff\xe0 not a jpeg",
                                   b"GIF89a......"])
 def test_malformed_compressed_is_rejected(data):

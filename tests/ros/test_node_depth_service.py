@@ -224,6 +224,7 @@ def test_segment_service_score_threshold_one_finds_nothing_but_succeeds(node, cl
     resp = client.call(Segment, f"{NODE}/segment", req)
     assert resp.success and len(resp.result.instances) == 0
     assert list(resp.result.phrases) == [req.instruction]  # what was looked for, found nowhere
+    assert resp.result.status == "ok"  # the answer paired; nothing scored above 1.0
     labels = np.frombuffer(bytes(resp.result.label_image.data), np.uint16)
     assert labels.size == H * W and not labels.any()
 

@@ -86,7 +86,8 @@ def test_params_file_is_accepted_by_the_real_node(node, client):
 def test_parameters_carry_descriptors_with_ranges_and_allowed_values(node, client):
     from rcl_interfaces.srv import DescribeParameters
 
-    names = ["score_threshold", "max_instances", "dtype", "image_reliability", "checkpoint"]
+    names = ["score_threshold", "max_instances", "dtype", "image_reliability", "checkpoint", "max_new_tokens",
+             "mask_nms_iou"]
     d = {x.name: x for x in client.call(DescribeParameters, f"{NODE}/describe_parameters",
                                         DescribeParameters.Request(names=names)).descriptors}
     assert all(d[n].description for n in names)
@@ -95,6 +96,8 @@ def test_parameters_carry_descriptors_with_ranges_and_allowed_values(node, clien
     assert d["max_instances"].integer_range[0].to_value == 1000
     assert d["dtype"].additional_constraints == "one of: auto, float32, bfloat16, float16"
     assert "best_effort" in d["image_reliability"].additional_constraints
+    assert d["max_new_tokens"].integer_range[0].to_value == 8192 and "cuts" in d["max_new_tokens"].description
+    assert "1.0 = off" in d["mask_nms_iou"].description
 
 
 def test_result_carries_the_frame_header_and_consistent_instances(io, make_image):
@@ -103,6 +106,7 @@ def test_result_carries_the_frame_header_and_consistent_instances(io, make_image
     assert result.header.frame_id == "cam_left_optical"
     assert stamp_of(result) == stamp_of(msg)
     assert result.instruction == "the red mug" and result.instruction_id >= 1
+    assert result.status == "ok"
     assert len(result.instances) > 0, "threshold 0 must let the tiny model's slots through"
     scores = [i.score for i in result.instances]
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)

@@ -241,3 +241,9 @@ def test_launch_file_starts_rviz_only_on_request_and_defaults_defer_to_the_param
     # Empty defaults mean "keep the params file's value"; rviz is off unless asked for.
     assert defaults["checkpoint"].value == "" and defaults["device"].value == ""
     assert defaults["rviz"].value == "false"
+
+def test_engine_options_follow_the_release_by_default():
+    defaults = params.Settings()
+    assert params.engine_options(defaults) == {"max_new_tokens": 1024, "mask_nms_iou": None}
+    tuned = defaults.with_values({"max_new_tokens": 32, "mask_nms_iou": 0.7})
+    assert params.engine_options(tuned) == {"max_new_tokens": 32, "mask_nms_iou": 0.7}

@@ -104,7 +104,7 @@ def run_benchmark(spec: BenchmarkSpec, splits: list[tuple[str, list[Sample]]], a
         cfg = RunConfig(
             split_dir=split_dir, score_threshold=args.threshold, limit=args.limit, shard=args.shard,
             save_masks=args.save_masks, warmup=args.warmup, retry_failed=args.retry_failed,
-            progress=not args.no_progress, both_empty_iou=spec.both_empty_iou,
+            progress=not args.no_progress, iou=spec.iou,
             instance_ious=spec.instance_ious,
         )
         if predictor is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from instructsam_core.metrics import GRES_IOU
 from training.eval.cli import base_parser, guarded, prompt_from_args, run_benchmark, split_name
 from training.eval.prompts import inst2seg_prompt
 from training.eval.readers import read_inst2seg
@@ -23,7 +24,7 @@ SPEC = BenchmarkSpec(
     name="inst2seg",
     title="Inst2Seg",
     score_threshold=0.3,
-    both_empty_iou=1.0,
+    iou=GRES_IOU,
     instance_ious=True,
     mean_iou_name="giou",
     group_by="targets",

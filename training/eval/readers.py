@@ -271,7 +271,9 @@ def _image_size(image: Path) -> tuple[int, int]:
 
     try:
         with Image.open(image) as im:
-            return im.height, im.width
+            # upright, as the image will be read (EXIF orientations 5-8 turn it sideways)
+            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            return (im.width, im.height) if turned else (im.height, im.width)
     except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
         raise DataError(f"a no-target GT needs the image size: {e}") from e
 
@@ -382,7 +384,7 @@ def read_inst2seg(json_path: Path, data_root: Path, prompt: PromptFn = inst2seg_
             text = strip_quotes(_field(ann, "text", where=f"{where}.annotation[{j}]"))
             out.append(Sample(
                 sample_id=f"{i:06d}-{j}", image=image, text=text, **_prompted(prompt, text),
-                load_gt=_ann_gt(ann.get("mask"), size), image_size=size,
+                load_gt=_ann_gt(ann.get("mask"), size),
             ))
     return out
 
@@ -413,7 +415,7 @@ def read_reasonseg(json_path: Path, data_root: Path, prompt: PromptFn | None = N
                 text=text,
                 **_prompted(prompt or (lambda t, s=is_sentence: reasonseg_prompt(t, s)), text),
                 group="long" if is_sentence else "short",
-                load_gt=load, image_size=_size(rec),
+                load_gt=load,
             ))
     return out
 
@@ -450,6 +452,6 @@ def read_grefcoco(json_path: Path, data_root: Path, prompt: PromptFn = grefcoco_
             text = strip_quotes(cat)
             out.append(Sample(
                 sample_id=f"{i:06d}-{k}", image=image, text=text, **_prompted(prompt, text),
-                load_gt=_ann_gt(ann, size), image_size=size,
+                load_gt=_ann_gt(ann, size),
             ))
     return out

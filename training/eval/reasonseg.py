@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from instructsam_core.metrics import LISA_IOU
 from training.eval.cli import base_parser, guarded, prompt_from_args, run_benchmark, split_name
 from training.eval.readers import read_reasonseg
 from training.eval.summary import BenchmarkSpec
@@ -21,7 +22,7 @@ SPEC = BenchmarkSpec(
     name="reasonseg",
     title="ReasonSeg",
     score_threshold=0.3,
-    both_empty_iou=1.0,
+    iou=LISA_IOU,
     instance_ious=False,
     mean_iou_name="giou",
     group_by="group",  # short / long

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from instructsam_core.metrics import INSTRUCTSAM_IOU
 from training.eval.cli import base_parser, guarded, prompt_from_args, run_benchmark, split_name
 from training.eval.prompts import roborefit_prompt
 from training.eval.readers import read_roborefit, roborefit_official_file
@@ -26,7 +27,7 @@ SPEC = BenchmarkSpec(
     name="roborefit",
     title="RoboRefIt",
     score_threshold=0.5,
-    both_empty_iou=0.0,  # the official formula: I / (U + 1e-12) -> 0 for two empty masks
+    iou=INSTRUCTSAM_IOU,  # the official formula: I / (U + 1e-12) -> 0 for two empty masks
     instance_ious=False,
     mean_iou_name="miou",
     group_by="group",  # the dataset's scene field

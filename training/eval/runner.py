@@ -31,7 +31,7 @@ from typing import Any, Iterable, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from instructsam_core.metrics import failed_sample, pairwise_mask_iou, score_sample
+from instructsam_core.metrics import INSTRUCTSAM_IOU, IouFormula, failed_sample, pairwise_mask_iou, score_sample
 from instructsam_core.result import Result
 from training.eval.masks import DataError, read_rgb, write_label_png
 from training.eval.samples import GroundTruth, Sample
@@ -45,7 +45,7 @@ class Predictor(Protocol):
     """What the runner needs from an engine."""
 
     def segment_image(self, image: np.ndarray, instruction: str, key: Any = None, *,
-                      score_threshold: float = ...) -> Result: ...
+                      score_threshold: float = ..., output_size: tuple[int, int] | None = None) -> Result: ...
 
 
 @dataclass
@@ -61,7 +61,7 @@ class RunConfig:
         warmup: the first `warmup` samples this process runs are left out of latency.
         retry_failed: rerun samples logged as failed instead of skipping them.
         progress: show a progress bar.
-        both_empty_iou: IoU when GT and prediction are both empty (see metrics).
+        iou: the benchmark's per-sample IoU formula (`metrics.IouFormula`).
         instance_ious: log each instance's IoU with each GT instance (for mAP).
     """
 
@@ -73,7 +73,7 @@ class RunConfig:
     warmup: int = 1
     retry_failed: bool = False
     progress: bool = True
-    both_empty_iou: float = 0.0
+    iou: IouFormula = INSTRUCTSAM_IOU
     instance_ious: bool = False
 
 
@@ -213,25 +213,27 @@ def run_sample(predictor: Predictor, sample: Sample, cfg: RunConfig) -> tuple[di
     try:
         if sample.error is not None:  # found while reading the question file (empty expression)
             raise DataError(sample.error)
-        rgb = read_rgb(sample.image)
-        hw = rgb.shape[:2]
-        if sample.image_size is not None and tuple(sample.image_size) != tuple(hw):
-            raise DataError(f"image is {hw[0]}x{hw[1]} but the question file says "
-                            f"{sample.image_size[0]}x{sample.image_size[1]}")
+        rgb = read_rgb(sample.image)  # turned upright by its EXIF orientation, as the release reads it
         if gt_error is not None:
             raise gt_error
-        if gt is not None and tuple(gt.size) != tuple(hw):
-            raise DataError(f"GT mask is {gt.size[0]}x{gt.size[1]} (HxW) but the image is {hw[0]}x{hw[1]}")
     except DataError as e:
         return _failure(rec, f"bad data: {e}", gt), None
+    # The release upsamples the mask logits straight to the GT's size; when the (upright)
+    # image is sized otherwise (an EXIF-rotated photo, a mislabelled file) we do the
+    # same, and say so in the record (summary.json counts them).
+    hw = tuple(rgb.shape[:2])
+    if gt is not None and tuple(gt.size) != hw:
+        rec["resized_to_gt"] = {"image": list(hw), "gt": list(gt.size)}
+        hw = tuple(gt.size)
     try:
         t0 = time.perf_counter()
         # key: consecutive queries on one image reuse its encoding (Inst2Seg, gRefCOCO)
         res = predictor.segment_image(rgb, sample.instruction, key=str(sample.image),
-                                      score_threshold=cfg.score_threshold)
+                                      score_threshold=cfg.score_threshold,
+                                      output_size=hw if "resized_to_gt" in rec else None)
         latency = time.perf_counter() - t0
-        if tuple(res.image_size) != tuple(hw) or res.masks.shape[1:] != hw:
-            raise RuntimeError(f"result is {res.masks.shape[1:]} for an image of {hw}")
+        if tuple(res.image_size) != hw or res.masks.shape[1:] != hw:
+            raise RuntimeError(f"result is {res.masks.shape[1:]} for an expected size of {hw}")
     except Exception as e:  # noqa: BLE001 - the official protocol scores any failure as 0
         return _failure(rec, f"engine error: {type(e).__name__}: {e}", gt), None
     rec.update({
@@ -242,12 +244,13 @@ def run_sample(predictor: Predictor, sample: Sample, cfg: RunConfig) -> tuple[di
         "pred_boxes": [[int(v) for v in b] for b in res.boxes],
         "pred_phrases": list(res.phrases),
         "n_pred": len(res),
+        "answer_status": res.status,
     })
     if gt is None:
         rec["status"] = STATUS_PREDICT_ONLY
         return rec, res
     s = score_sample(res.union_mask(), gt.union, gt_box=gt.box, ignore=gt.ignore,
-                     both_empty_iou=cfg.both_empty_iou)
+                     formula=cfg.iou)
     rec.update({"status": STATUS_OK, "scores": s.to_dict(), "gt_count": int(len(gt.instances))})
     if cfg.instance_ious:
         if len(res) and len(gt.instances):

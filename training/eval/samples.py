@@ -52,7 +52,6 @@ class Sample:
             ReasonSeg short/long); None if the benchmark groups by GT instead.
         load_gt: returns the GroundTruth (may raise `DataError`); None: no GT, the sample
             runs predict-only and stays out of the metrics.
-        image_size: `(H, W)` the question file declares, checked against the image.
         meta: extra fields copied into the per-sample log.
         error: known at read time (e.g. an empty expression): the runner records the
             sample as failed with this reason, IoU 0, without running the engine.
@@ -64,6 +63,5 @@ class Sample:
     instruction: str
     group: str | None = None
     load_gt: Callable[[], GroundTruth] | None = None
-    image_size: tuple[int, int] | None = None
     meta: dict = field(default_factory=dict)
     error: str | None = None

@@ -7,14 +7,14 @@ import json
 import math
 import os
 import subprocess
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
-from instructsam_core.metrics import InstanceAPAccumulator, SampleScores, SegmentationAccumulator
+from instructsam_core.metrics import IouFormula, InstanceAPAccumulator, SampleScores, SegmentationAccumulator
 from training.eval.runner import STATUS_FAILED, STATUS_OK, STATUS_PREDICT_ONLY
 
 
@@ -26,7 +26,7 @@ class BenchmarkSpec:
         name: benchmark name (summary, table).
         title: name in the Markdown table.
         score_threshold: default slot threshold of the paper's evaluation.
-        both_empty_iou: IoU when GT and prediction are both empty.
+        iou: the per-sample IoU and cIoU formula (`metrics.IouFormula`).
         instance_ious: whether instance mAP is computed (logs per-instance IoUs).
         mean_iou_name: what the mean per-sample IoU is called ('miou' or 'giou').
         group_by: 'group' (the reader's group: scene, short/long) or 'targets'
@@ -40,7 +40,7 @@ class BenchmarkSpec:
     name: str
     title: str
     score_threshold: float
-    both_empty_iou: float
+    iou: IouFormula
     instance_ious: bool
     mean_iou_name: str
     group_by: str
@@ -146,7 +146,7 @@ def segmentation_metrics(records: list[dict], spec: BenchmarkSpec) -> dict | Non
     scored = _scored(records)
     if not scored:
         return None
-    acc = SegmentationAccumulator(both_empty_iou=spec.both_empty_iou)
+    acc = SegmentationAccumulator(spec.iou)
     for r in scored:
         acc.add_scores(SampleScores(**r["scores"]))
     raw = acc.summary()
@@ -203,6 +203,9 @@ def summarize_split(spec: BenchmarkSpec, split: str, records: dict[str, dict], e
         "n_predict_only": sum(r.get("status") == STATUS_PREDICT_ONLY for r in recs),
         "failures": len(failed),
         "failed_samples": [{"id": r["id"], "image": r.get("image"), "reason": r.get("reason")} for r in failed],
+        # predictions resized to a GT sized otherwise than the (EXIF-upright) image
+        "resized_to_gt": sum("resized_to_gt" in r for r in recs),
+        "answer_status": dict(Counter(r["answer_status"] for r in recs if "answer_status" in r)),
         "metrics": segmentation_metrics(recs, spec),
         "groups": {g: {"n": len(_scored(rs)), "metrics": segmentation_metrics(rs, spec)} for g, rs in groups.items()},
         "latency_s": latency_stats(recs),
