@@ -20,15 +20,12 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from instructsam_core.backends import create_backend
-from instructsam_core.checkpoint import build_model
-from instructsam_core.config import preset
-from instructsam_core.engine import Segmenter, resolve_device, resolve_dtype
+from instructsam_core.engine import Segmenter
+from instructsam_core.fileio import write_text_atomic
 from instructsam_core.processing import encode_text
 from instructsam_core.testing import ScriptedAnswer
 
@@ -57,8 +54,8 @@ def _measure(seg: Segmenter, image: np.ndarray, script: list[int], warmup: int, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=["tiny", "2b"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--sizes", default="640x480,448x448", help="comma-separated WxH image sizes")
     parser.add_argument("--answer-tokens", type=int, default=5, help="tokens generated before the phrase")
     parser.add_argument("--warmup", type=int, default=2)
@@ -66,18 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="out/engine_latency.json")
     args = parser.parse_args(argv)
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    model, tokenizer = build_model(preset(args.preset), seed=0, device=device)
-    seg = Segmenter(create_backend("eager", model, device, dtype), tokenizer, checkpoint=f"random:{args.preset}",
-                    is_untrained=True)
+    seg = Segmenter.from_config(args.preset, device=args.device, dtype=args.dtype, phrase_mode="generate")
     build_seconds = time.perf_counter() - t0
+    model, tokenizer, device = seg.model, seg.tokenizer, seg.backend.device
     ids = model.token_ids
     script = (encode_text(tokenizer, " word" * args.answer_tokens) + [ids.ref_start]
               + encode_text(tokenizer, "red mug") + [ids.ref_end, ids.im_end])
     params = sum(p.numel() for p in model.parameters())
-    report = {"preset": args.preset, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+    report = {"preset": args.preset, "device": str(device), "dtype": str(seg.dtype).replace("torch.", ""),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
               "parameters": params, "build_seconds": build_seconds, "warmup": args.warmup, "runs": args.runs,
@@ -103,12 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {size} | {name} | {s['mean_ms']:.1f} | {s['p50_ms']:.1f} | {s['p90_ms']:.1f} |")
         if "peak_memory_gib" in stats:
             print(f"| {size} | peak memory | {stats['peak_memory_gib']:.2f} GiB | | |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out)
-    print(f"\nwrote {out}")
+    write_text_atomic(args.out, json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
     return 0
 
 

@@ -21,12 +21,9 @@ user's machine; since SAM3's architecture is fixed, its default config is used t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import InstructSamConfig
+from .fileio import atomic_directory
 from .model.instructsam import InstructSam
-from .processing import build_offline_qwen_tokenizer, load_tokenizer, token_ids_from_tokenizer
+from .tokens import TokenIds
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +115,7 @@ def config_from_json(data: dict[str, Any], source: str) -> InstructSamConfig:
     """Build the model config from a config.json (released or ours)."""
     if "max_seg_nums" not in data:
         raise CheckpointError(f"{source} has no 'max_seg_nums': not an InstructSAM checkpoint "
-                              "(for a Qwen3-VL + SAM3 pair use checkpoint.from_base_models)")
+                              "(for a Qwen3-VL + SAM3 pair use build.from_base_models)")
     if data.get("seg_encoder", "sam3") != "sam3" or data.get("seg_decoder", "sam3") != "sam3":
         raise CheckpointError(f"{source}: only SAM3 segmenters are supported, got "
                               f"{data.get('seg_encoder')}/{data.get('seg_decoder')}")
@@ -232,61 +230,33 @@ def _pixel_bounds(directory: Path) -> dict[str, int]:
     return bounds
 
 
-@contextlib.contextmanager
-def _uninitialised(dtype: torch.dtype | None):
-    """Build modules without random initialisation, in `dtype`: every parameter is
-    overwritten by the strict load, so a 2B model is built in seconds and in half the memory."""
-    from transformers.initialization import no_init_weights
-
-    previous = torch.get_default_dtype()
-    try:
-        if dtype is not None:
-            torch.set_default_dtype(dtype)
-        with no_init_weights():
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> tuple[InstructSam, Any]:
-    """Build the model from a checkpoint directory and load its weights and tokenizer.
-
-    The model is built directly on `device` in `dtype` (default float32) without random
-    initialisation, then strictly loaded. Returns `(model in eval mode, tokenizer)`.
-    """
+def read_model_config(directory: str | os.PathLike) -> InstructSamConfig:
+    """The model configuration of a checkpoint directory. A released checkpoint's
+    preprocessor_config.json sets the Qwen3-VL resize bounds."""
     path = Path(directory)
     data = read_config(path)
     config = config_from_json(data, str(path / CONFIG_NAME))
     if "instructsam" not in data:  # a released checkpoint: its processor config sets the resize
         for name, value in _pixel_bounds(path).items():
             setattr(config, name, value)
-    tokenizer = load_tokenizer(str(path))
-    token_ids = token_ids_from_tokenizer(tokenizer)
+    return config
+
+
+def check_token_ids(directory: str | os.PathLike, token_ids: TokenIds) -> None:
+    """CheckpointError when config.json's [SEG] id is not the tokenizer's."""
+    path = Path(directory)
+    data = read_config(path)
     if "seg_token_index" in data and int(data["seg_token_index"]) != token_ids.seg:
         raise CheckpointError(f"{path / CONFIG_NAME}: seg_token_index {data['seg_token_index']} but the "
                               f"tokenizer's [SEG] is {token_ids.seg}")
-    with _uninitialised(dtype or torch.float32), torch.device(device):
-        model = InstructSam(config, token_ids)
-    vlm_config = model.vlm.config
-    if getattr(vlm_config, "tie_word_embeddings", False) or vlm_config.text_config.tie_word_embeddings:
-        # Tying happens in the initialisation skipped above.
-        model.vlm.lm_head.weight = model.vlm.model.language_model.embed_tokens.weight
-    load_weights(model, path)
-    model.to(device=device, dtype=dtype).eval()
-    return model, tokenizer
 
 
 # ---- writing --------------------------------------------------------------------------
 
 def save_checkpoint(model: InstructSam, tokenizer, directory: str | os.PathLike,
                     max_shard_bytes: int = _SHARD_BYTES) -> Path:
-    """Write the model in the released layout. Files land atomically: everything is written
-    into a temporary folder beside `directory`, then moved in, so a crash never leaves a
-    half-written checkpoint under the final name."""
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    """Write the model in the released layout, atomically (`fileio.atomic_directory`): a
+    crash never leaves a half-written checkpoint under the final name."""
     state = {k: v.detach().contiguous().cpu() for k, v in released_state_dict(model).items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -297,49 +267,22 @@ def save_checkpoint(model: InstructSam, tokenizer, directory: str | os.PathLike,
             size = 0
         shards[-1][key] = state[key]
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        with open(tmp / INDEX_NAME, "w") as f:
-            json.dump({"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                       "weight_map": weight_map}, f, indent=2)
-    with open(tmp / CONFIG_NAME, "w") as f:
-        json.dump(config_to_json(model.config, model.token_ids), f, indent=2)
-    tokenizer.save_pretrained(str(tmp))
-    if target.exists():
-        backup = target.with_name(target.name + ".old")
-        os.replace(target, backup)
-        os.replace(tmp, target)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    return target
-
-
-def build_model(config: InstructSamConfig, seed: int | None = 0, tokenizer=None,
-                device: str | torch.device = "cpu") -> tuple[InstructSam, Any]:
-    """A randomly initialised model of `config` and its tokenizer (the offline Qwen one by
-    default). With `seed`, the weights are the same on every call (the untrained demo).
-    `device` is where the parameters are created (real-size benchmarks build on the GPU)."""
-    tokenizer = tokenizer or build_offline_qwen_tokenizer()
-    token_ids = token_ids_from_tokenizer(tokenizer)
-    vocab = (config.vlm.get("text_config") or {}).get("vocab_size", 151936)
-    if max(len(tokenizer), token_ids.mask_end + 1) > vocab:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
-    generator_state = torch.random.get_rng_state()
-    try:
-        if seed is not None:
-            torch.manual_seed(seed)
-        with torch.device(device):
-            model = InstructSam(config, token_ids)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    return model.eval(), tokenizer
+    with atomic_directory(directory) as tmp:
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            with open(tmp / INDEX_NAME, "w") as f:
+                json.dump({"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                           "weight_map": weight_map}, f, indent=2)
+        with open(tmp / CONFIG_NAME, "w") as f:
+            json.dump(config_to_json(model.config, model.token_ids), f, indent=2)
+        tokenizer.save_pretrained(str(tmp))
+    return Path(directory)
 
 
 # ---- starting from the base models (training) ---------------------------------------
@@ -353,24 +296,10 @@ def _read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def from_base_models(qwen_dir: str | os.PathLike, sam3_dir: str | os.PathLike | None = None,
-                     **config_fields) -> tuple[InstructSam, Any]:
-    """A stage-1 starting point: Qwen3-VL (e.g. Qwen3-VL-2B-Instruct) and SAM3 checkpoint
-    directories, as transformers saves them, joined into an InstructSAM model.
-
-    InstructSAM's tokens are added to the Qwen tokenizer; the query bank starts at zero and
-    the two projections at random, as in the release. SAM3's DETR decoder keeps the first K
-    of its learned queries and reference boxes; CLIP (and, without `use_presence`, the
-    presence token) are dropped. Every other tensor of both models must load.
-
-    Arguments:
-        qwen_dir: Qwen3-VL directory (config.json, safetensors, tokenizer files).
-        sam3_dir: SAM3 directory (image or video config), or None for SAM3's default
-            architecture with random weights (tests, ablations).
-        config_fields: `InstructSamConfig` fields (num_queries, phrase_source, ...).
-    """
-    from .config import ADDED_TOKENS
-
+def base_model_configs(qwen_dir: str | os.PathLike, sam3_dir: str | os.PathLike | None
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Qwen3-VL and SAM3 config dicts of two base-model directories (SAM3: {} when
+    `sam3_dir` is None, its default architecture)."""
     qwen_path = Path(qwen_dir)
     vlm = read_config(qwen_path)
     if vlm.get("model_type") != "qwen3_vl":
@@ -379,17 +308,17 @@ def from_base_models(qwen_dir: str | os.PathLike, sam3_dir: str | os.PathLike | 
     if sam3_dir is not None:
         sam3 = read_config(sam3_dir)
         sam3 = sam3.get("detector_config") or sam3
-    config = InstructSamConfig(vlm=vlm, sam3=sam3, **config_fields)
-    tokenizer = load_tokenizer(str(qwen_path))
-    missing_tokens = [t for t in ADDED_TOKENS if t not in tokenizer.get_vocab()]
-    if missing_tokens:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing_tokens})
-    token_ids = token_ids_from_tokenizer(tokenizer)
-    model = InstructSam(config, token_ids)
-    vocab = model.vlm.config.text_config.vocab_size
-    if len(tokenizer) > vocab:
-        raise CheckpointError(f"tokenizer has {len(tokenizer)} tokens with InstructSAM's, more than the "
-                              f"embedding's {vocab} rows")
+    return vlm, sam3
+
+
+def load_base_weights(model: InstructSam, qwen_dir: str | os.PathLike, sam3_dir: str | os.PathLike | None) -> None:
+    """Load Qwen3-VL and SAM3 directories (as transformers saves them) into `model`.
+
+    SAM3's DETR decoder keeps the first K of its learned queries and reference boxes;
+    CLIP, the tracker and (without `use_presence`) the presence token are skipped. Every
+    other tensor of both models must load; otherwise CheckpointError names what is wrong.
+    """
+    qwen_path = Path(qwen_dir)
     own = model.state_dict()
     loaded: set[str] = set()
 
@@ -406,7 +335,7 @@ def from_base_models(qwen_dir: str | os.PathLike, sam3_dir: str | os.PathLike | 
         if name not in own:
             raise CheckpointError(f"{qwen_path}: unexpected Qwen3-VL key {key}")
         put(name, tensor, str(qwen_path))
-    k = config.num_queries
+    k = model.config.num_queries
     if sam3_dir is not None:
         for key, tensor in _read_safetensors_dir(Path(sam3_dir)).items():
             key = key.removeprefix("detector_model.")
@@ -414,7 +343,7 @@ def from_base_models(qwen_dir: str | os.PathLike, sam3_dir: str | os.PathLike | 
                 continue
             name = "grounding_model." + key
             if name not in own:
-                if "presence" in key and not config.use_presence:
+                if "presence" in key and not model.config.use_presence:
                     continue
                 raise CheckpointError(f"{sam3_dir}: unexpected SAM3 key {key}")
             if key in ("detr_decoder.query_embed.weight", "detr_decoder.reference_points.weight"):
@@ -426,6 +355,3 @@ def from_base_models(qwen_dir: str | os.PathLike, sam3_dir: str | os.PathLike | 
     missing = [n for n in expected if n not in loaded]
     if missing:
         raise CheckpointError(f"base models lack {len(missing)} tensors, e.g. {missing[:5]}")
-    with torch.no_grad():
-        model.mask_queries.zero_()
-    return model.eval(), tokenizer

@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -34,15 +33,9 @@ def _load_image(spec: str) -> np.ndarray:
         raise SystemExit(f"error: cannot read image: {err}") from err
 
 
-def _atomic_save_png(array: np.ndarray, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(out)
-
-
 def cmd_segment(args: argparse.Namespace) -> int:
     from .engine import Segmenter
+    from .fileio import atomic_file
     from .visualize import draw_overlay
 
     image = _load_image(args.image)
@@ -61,7 +54,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     report = result.to_json()
     report.update(instruction=args.instruction, checkpoint=args.checkpoint, untrained=seg.is_untrained)
     if args.out:
-        _atomic_save_png(draw_overlay(image, result, args.instruction, banner=banner), Path(args.out))
+        with atomic_file(args.out) as tmp:
+            Image.fromarray(draw_overlay(image, result, args.instruction, banner=banner)).save(tmp, format="PNG")
         report["overlay"] = str(args.out)
     print(json.dumps(report, indent=2))
     return 0
@@ -76,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--image", default="sample", help="image file, or 'sample[:seed]' for a procedural scene")
     seg.add_argument("--instruction", required=True, help="what to segment, e.g. 'the red mug'")
     seg.add_argument("--out", default="", help="write the overlay PNG here")
-    seg.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    seg.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: per device)")
+    seg.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    seg.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16")
     seg.add_argument("--score-threshold", type=float, default=0.5, help="keep instances scoring above this")
     seg.add_argument("--max-instances", type=int, default=None, help="at most this many instances")
     seg.add_argument("--max-new-tokens", type=int, default=1024,

@@ -9,27 +9,41 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-# Token strings InstructSAM adds to Qwen's vocabulary, and the two reference-span tokens
-# that Qwen already has (ids 151646 / 151647 in the released vocabulary).
-SEG_TOKEN = "[SEG]"
-MASK_START_TOKEN = "<|mask_start|>"
-MASK_END_TOKEN = "<|mask_end|>"
-REGION_TOKEN = "<REGION>"
-REF_START_TOKEN = "<|object_ref_start|>"
-REF_END_TOKEN = "<|object_ref_end|>"
-ADDED_TOKENS = (REGION_TOKEN, SEG_TOKEN, MASK_START_TOKEN, MASK_END_TOKEN)  # the release's order
+from typing import Any, Callable
 
 PHRASE_SOURCES = ("token_embeddings", "hidden_states")
 GENERATION_COMPAT = ("release", "consistent")
+
+
+def released_2b_vlm() -> dict[str, Any]:
+    """Qwen3-VL-2B-Instruct's configuration, as published (what InstructSAM-2B is built on)."""
+    return {
+        "model_type": "qwen3_vl",
+        "text_config": {
+            "model_type": "qwen3_vl_text", "vocab_size": 151936, "hidden_size": 2048,
+            "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
+            "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 262144,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0,
+                                "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+            "tie_word_embeddings": True,
+        },
+        "vision_config": {
+            "model_type": "qwen3_vl_vision", "depth": 24, "hidden_size": 1024, "intermediate_size": 4096,
+            "num_heads": 16, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "out_hidden_size": 2048, "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17],
+        },
+        "image_token_id": 151655, "video_token_id": 151656,
+        "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+        "tie_word_embeddings": True,
+    }
 
 
 @dataclass
 class InstructSamConfig:
     """Everything needed to build an `InstructSam` model.
 
-    Defaults reproduce the released InstructSAM-2B (Qwen3-VL-2B + SAM3, K=10).
+    Defaults reproduce the released InstructSAM-2B: `InstructSamConfig()` is its
+    architecture (Qwen3-VL-2B + SAM3 at 1008 px, K=10).
     """
 
     num_queries: int = 10  # K: instance query slots per phrase (`max_seg_nums`)
@@ -53,8 +67,9 @@ class InstructSamConfig:
     # preprocessor_config.json overrides them).
     vlm_min_pixels: int = 65536
     vlm_max_pixels: int = 16777216
-    vlm: dict[str, Any] = field(default_factory=dict)  # Qwen3VLConfig.to_dict()
-    sam3: dict[str, Any] = field(default_factory=dict)  # Sam3Config.to_dict()
+    vlm: dict[str, Any] = field(default_factory=released_2b_vlm)  # Qwen3VLConfig fields
+    # Sam3Config fields; empty = Sam3Config() itself, SAM3's one (fixed) architecture.
+    sam3: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_queries < 1:
@@ -63,6 +78,8 @@ class InstructSamConfig:
             raise ValueError(f"phrase_source must be one of {PHRASE_SOURCES}, got {self.phrase_source!r}")
         if self.generation_compat not in GENERATION_COMPAT:
             raise ValueError(f"generation_compat must be one of {GENERATION_COMPAT}, got {self.generation_compat!r}")
+        if not self.vlm:
+            raise ValueError("vlm is empty: give the Qwen3-VL config (leave it out for Qwen3-VL-2B's)")
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(asdict(self))
@@ -176,43 +193,27 @@ def _tiny_sam3(num_queries: int) -> dict[str, Any]:
     }
 
 
-def _released_2b_vlm() -> dict[str, Any]:
-    # Qwen3-VL-2B-Instruct as published (see REFERENCE.md).
-    return {
-        "model_type": "qwen3_vl",
-        "text_config": {
-            "model_type": "qwen3_vl_text", "vocab_size": 151936, "hidden_size": 2048,
-            "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
-            "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 262144,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0,
-                                "mrope_section": [24, 20, 20], "mrope_interleaved": True},
-            "tie_word_embeddings": True,
-        },
-        "vision_config": {
-            "model_type": "qwen3_vl_vision", "depth": 24, "hidden_size": 1024, "intermediate_size": 4096,
-            "num_heads": 16, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
-            "out_hidden_size": 2048, "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17],
-        },
-        "image_token_id": 151655, "video_token_id": 151656,
-        "vision_start_token_id": 151652, "vision_end_token_id": 151653,
-        "tie_word_embeddings": True,
-    }
-
-
 TINY_VOCAB_SIZE = 151680  # Qwen's 151,643 BPE ranks + its specials + InstructSAM's 4 tokens
 
 
+def tiny_config() -> InstructSamConfig:
+    """The tiny model of tests and the CPU demo: widths 32, one or two layers, K=4,
+    SAM3 at 112 px (patch 14: an 8x8 grid), the real Qwen vocabulary size."""
+    k = 4
+    return InstructSamConfig(num_queries=k, out_dim=32, sam_image_size=112,
+                             vlm_min_pixels=4 * 32 * 32, vlm_max_pixels=128 * 96,
+                             vlm=_tiny_vlm(TINY_VOCAB_SIZE), sam3=_tiny_sam3(k))
+
+
+# Named model configurations: name -> a function returning a fresh config.
+PRESETS: dict[str, Callable[[], InstructSamConfig]] = {
+    "tiny": tiny_config,  # tests, the untrained CPU demo; ~35 M parameters (mostly the embedding)
+    "2b": InstructSamConfig,  # InstructSAM-2B as released: 2.13 B (Qwen3-VL-2B) + SAM3 without CLIP
+}
+
+
 def preset(name: str) -> InstructSamConfig:
-    """A named model configuration: `tiny` (tests, CPU demo) or `2b` (InstructSAM-2B)."""
-    if name == "tiny":
-        k = 4
-        return InstructSamConfig(num_queries=k, out_dim=32, sam_image_size=112,
-                                 vlm_min_pixels=4 * 32 * 32, vlm_max_pixels=128 * 96,
-                                 vlm=_tiny_vlm(TINY_VOCAB_SIZE), sam3=_tiny_sam3(k))
-    if name == "2b":
-        # sam3 left empty: SAM3's architecture is fixed, Sam3Config() defaults are it.
-        return InstructSamConfig(vlm=_released_2b_vlm(), sam3={})
-    raise ValueError(f"unknown preset {name!r}; known presets: {PRESETS}")
-
-
-PRESETS = ("tiny", "2b")
+    """A fresh configuration of a named preset (`PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from .backends import Backend, FrameFeatures, FrameInput, available_backends, create_backend
-from .checkpoint import build_model, load_checkpoint
-from .config import PRESETS, EngineConfig, preset
+from .build import BuiltModel, build_model
+from .config import PRESETS, EngineConfig, InstructSamConfig
 from .model.generation import Generation, LogitsProcessor
 from .model.sam3_head import HeadOutput
 from .postprocess import slots_to_result
@@ -29,30 +29,9 @@ from .result import Result
 
 log = logging.getLogger(__name__)
 
-UNTRAINED_WARNING = ("the '{name}' model is a tiny UNTRAINED network with random weights: its masks and "
-                     "scores are meaningless. Pass a trained checkpoint directory for real results.")
+UNTRAINED_WARNING = ("the '{name}' model is UNTRAINED (random weights): its masks and scores are "
+                     "meaningless. Pass a trained checkpoint directory for real results.")
 PHRASE_MODES = ("generate", "instruction")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device, with a clear error when CUDA is asked for but absent."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine; use device='cpu'")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """float32 on CPU and bfloat16 on CUDA unless asked otherwise."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
-    return names[dtype]
 
 
 def _checked_size(size: tuple[int, int]) -> tuple[int, int]:
@@ -60,6 +39,13 @@ def _checked_size(size: tuple[int, int]) -> tuple[int, int]:
     if h < 1 or w < 1:
         raise ValueError(f"output_size must be a positive (H, W), got {size}")
     return h, w
+
+
+def _engine_setup(backend: str, options: dict) -> EngineConfig:
+    """Check the backend name and the engine options before anything is built."""
+    if backend not in available_backends():
+        raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
+    return _with_options(EngineConfig(), options)
 
 
 def _with_options(config: EngineConfig, options: dict) -> EngineConfig:
@@ -99,39 +85,48 @@ class Segmenter:
     # ---- construction -----------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str = "tiny", device: str | torch.device = "cpu",
+    def from_pretrained(cls, path: str = "tiny", device: str | torch.device = "auto",
                         dtype: str | torch.dtype | None = None, backend: str = "eager",
                         phrase_mode: str | None = None, **engine_options) -> "Segmenter":
-        """Load a checkpoint directory, or build a named preset with untrained weights.
+        """Load a checkpoint directory, or the embedded tiny demo model.
 
         Arguments:
             path: an InstructSAM checkpoint directory (config.json + safetensors + tokenizer),
                 or `"tiny"`, the embedded tiny UNTRAINED model (seeded, for demos and tests).
-            device: "cpu", "cuda" or "cuda:N".
-            dtype: "float32", "bfloat16", "float16" or None (fp32 on CPU, bf16 on CUDA).
+            device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+            dtype: "float32", "bfloat16", "float16", or None/"auto" (fp32 on CPU, bf16 on CUDA).
             backend: one of `Segmenter.available_backends()`.
             phrase_mode: "generate" (the model writes the target phrases) or "instruction"
                 (the instruction itself is the one phrase, no generation). Default:
-                "generate" for checkpoints, "instruction" for the untrained preset, whose
+                "generate" for checkpoints, "instruction" for untrained weights, whose
                 random answers would never name a target.
             engine_options: fields of `EngineConfig` (score_threshold, max_new_tokens, ...).
         """
-        dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, dev)
-        if backend not in available_backends():
-            raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
-        engine_config = _with_options(EngineConfig(), engine_options)
-        if path in PRESETS:
-            if path != "tiny":
-                raise ValueError(f"preset {path!r} has no embedded weights; pass its checkpoint directory")
-            model, tokenizer = build_model(preset(path), seed=0)
-            log.warning(UNTRAINED_WARNING.format(name=path))
-            untrained, default_mode = True, "instruction"
-        else:
-            model, tokenizer = load_checkpoint(path, device=dev, dtype=torch_dtype)
-            untrained, default_mode = False, "generate"
-        engine = create_backend(backend, model, dev, torch_dtype)
-        return cls(engine, tokenizer, engine_config, checkpoint=str(path), is_untrained=untrained,
+        if path in PRESETS and path != "tiny":
+            raise ValueError(f"preset {path!r} has no embedded weights; pass its checkpoint directory "
+                             f"(or Segmenter.from_config({path!r}) for random weights)")
+        engine_config = _engine_setup(backend, engine_options)
+        return cls._serve(build_model(path, device, dtype), path, backend, phrase_mode, engine_config)
+
+    @classmethod
+    def from_config(cls, config: str | InstructSamConfig, device: str | torch.device = "auto",
+                    dtype: str | torch.dtype | None = None, backend: str = "eager", phrase_mode: str | None = None,
+                    seed: int = 0, **engine_options) -> "Segmenter":
+        """A Segmenter over random (seeded) weights of a preset name or a config: latency
+        and memory benchmarks at real size, tests. Its masks mean nothing."""
+        engine_config = _engine_setup(backend, engine_options)
+        label = config if isinstance(config, str) else "config"
+        return cls._serve(build_model(config, device, dtype, seed=seed), f"random:{label}", backend, phrase_mode,
+                          engine_config)
+
+    @classmethod
+    def _serve(cls, built: BuiltModel, name: str, backend: str, phrase_mode: str | None,
+               engine_config: EngineConfig) -> "Segmenter":
+        if built.untrained:
+            log.warning(UNTRAINED_WARNING.format(name=name))
+        engine = create_backend(backend, built.model, built.device, built.dtype)
+        default_mode = "instruction" if built.untrained else "generate"
+        return cls(engine, built.tokenizer, engine_config, checkpoint=str(name), is_untrained=built.untrained,
                    phrase_mode=phrase_mode or default_mode)
 
     def update_config(self, **engine_options) -> None:

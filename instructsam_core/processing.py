@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ADDED_TOKENS, MASK_END_TOKEN, MASK_START_TOKEN, REF_END_TOKEN, REF_START_TOKEN, SEG_TOKEN
-from .model.instructsam import TokenIds
+from .tokens import ADDED_TOKENS, TokenIds
 
 IMAGE_MEAN = 0.5
 IMAGE_STD = 0.5
@@ -67,20 +66,6 @@ def load_tokenizer(path: str):
     except (ValueError, OSError, KeyError):
         # tokenizer_config.json may name a class this transformers lacks; tokenizer.json suffices.
         return PreTrainedTokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"))
-
-
-def token_ids_from_tokenizer(tokenizer) -> TokenIds:
-    """Special-token ids from the tokenizer; a missing InstructSAM token is an error naming it."""
-    def get(token: str) -> int:
-        idx = tokenizer.convert_tokens_to_ids(token)
-        if idx is None or idx == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {token!r} token; is this an InstructSAM checkpoint?")
-        return int(idx)
-
-    return TokenIds(seg=get(SEG_TOKEN), mask_start=get(MASK_START_TOKEN), mask_end=get(MASK_END_TOKEN),
-                    ref_start=get(REF_START_TOKEN), ref_end=get(REF_END_TOKEN), image=get("<|image_pad|>"),
-                    vision_start=get("<|vision_start|>"), vision_end=get("<|vision_end|>"),
-                    im_end=get("<|im_end|>"), eos=(get("<|im_end|>"), get("<|endoftext|>")))
 
 
 # ---- chat prompt ----------------------------------------------------------------------

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import build_model, save_checkpoint
+from .build import build_model
+from .checkpoint import save_checkpoint
 from .config import InstructSamConfig, preset
 from .model.instructsam import InstructSam, SamFeatures, VisionTokens
 from .processing import build_prompt_ids, encode_text, preprocess_sam, preprocess_vlm
@@ -40,8 +41,8 @@ def make_tiny_checkpoint(directory: str | Path, seed: int = 0, **config_override
     config = preset("tiny")
     for name, value in config_overrides.items():
         setattr(config, name, value)
-    model, tokenizer = build_model(InstructSamConfig.from_dict(config.to_dict()), seed=seed)
-    return save_checkpoint(model, tokenizer, directory)
+    built = build_model(InstructSamConfig.from_dict(config.to_dict()), device="cpu", seed=seed)
+    return save_checkpoint(built.model, built.tokenizer, directory)
 
 
 @dataclass
@@ -70,7 +71,8 @@ class InstructSamModelTester:
         return config
 
     def get_model(self) -> tuple[InstructSam, object]:
-        return build_model(self.get_config(), seed=self.seed)
+        built = build_model(self.get_config(), device="cpu", seed=self.seed)
+        return built.model, built.tokenizer
 
     def phrase_block(self, model: InstructSam, tokenizer, phrase: str) -> list[int]:
         ids = model.token_ids

@@ -229,7 +229,7 @@ class PerceptionNode(LifecycleNode):
                                         daemon=True)
         self._worker.start()
         self.get_logger().info(
-            f"active: model '{s.checkpoint}' on {self._device(s)}, "
+            f"active: model '{s.checkpoint}' on {self._segmenter.device} ({self._segmenter.dtype}), "
             f"{'compressed ' if s.compressed_input else ''}images from "
             f"'{self._image_subs[0].topic_name}'")
         return super().on_activate(state)
@@ -264,21 +264,13 @@ class PerceptionNode(LifecycleNode):
 
     # ------------------------------------------------------------------ engine
 
-    @staticmethod
-    def _device(s: params.Settings) -> str:
-        if s.device != "auto":
-            return s.device
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
     def _load_engine(self, s: params.Settings):
         """Load the engine and run one warm-up pass (first-call costs stay out of frames)."""
         from instructsam_core.engine import Segmenter
 
         t0 = time.monotonic()
-        seg = Segmenter.from_pretrained(s.checkpoint, device=self._device(s),
-                                        dtype=None if s.dtype == "auto" else s.dtype,
-                                        backend=s.backend, **params.engine_options(s))
+        seg = Segmenter.from_pretrained(s.checkpoint, device=s.device, dtype=s.dtype, backend=s.backend,
+                                        **params.engine_options(s))
         self._overlay_banner = ""
         if seg.is_untrained:
             self._overlay_banner = "UNTRAINED demo model: masks are random"

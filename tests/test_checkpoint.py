@@ -10,12 +10,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from instructsam_core.checkpoint import (CheckpointError, config_from_json, from_released_key, load_checkpoint,
-                                         released_state_dict, save_checkpoint, to_released_key)
+from instructsam_core.build import build_model
+from instructsam_core.checkpoint import (CheckpointError, config_from_json, from_released_key, released_state_dict,
+                                         save_checkpoint, to_released_key)
 from instructsam_core.config import preset
-from instructsam_core.model.instructsam import InstructSam, TokenIds
+from instructsam_core.model.instructsam import InstructSam
+from instructsam_core.tokens import TokenIds
 
 FIXTURE = Path(__file__).parent / "fixtures" / "released_key_patterns.txt"
+
+
+def load_checkpoint(path, **kwargs):
+    built = build_model(path, device="cpu", **kwargs)
+    assert not built.untrained
+    return built.model, built.tokenizer
 
 
 def _patterns(keys):
@@ -167,7 +175,7 @@ def test_save_is_atomic_over_an_existing_checkpoint(tiny_model, tmp_path):
 def test_start_from_base_qwen_and_sam3_directories(tmp_path):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Sam3Config, Sam3Model
 
-    from instructsam_core.checkpoint import from_base_models
+    from instructsam_core.build import from_base_models
     from instructsam_core.processing import build_offline_qwen_tokenizer
 
     config = preset("tiny")
@@ -183,8 +191,9 @@ def test_start_from_base_qwen_and_sam3_directories(tmp_path):
     sam = Sam3Model(sam_config)
     sam.save_pretrained(tmp_path / "sam3")
 
-    model, tok = from_base_models(tmp_path / "qwen", tmp_path / "sam3", num_queries=4, out_dim=32,
-                                  sam_image_size=112)
+    built = from_base_models(tmp_path / "qwen", tmp_path / "sam3", num_queries=4, out_dim=32, sam_image_size=112)
+    model, tok = built.model, built.tokenizer
+    assert built.untrained and built.dtype == torch.float32
     assert tok.convert_tokens_to_ids("[SEG]") == 151670
     assert torch.equal(model.vlm.model.language_model.layers[0].mlp.up_proj.weight,
                        qwen.model.language_model.layers[0].mlp.up_proj.weight)

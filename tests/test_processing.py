@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from instructsam_core.processing import (build_offline_qwen_tokenizer, build_prompt_ids, encode_text,
-                                         preprocess_sam, preprocess_vlm, smart_resize, token_ids_from_tokenizer,
-                                         validate_rgb)
+                                         preprocess_sam, preprocess_vlm, smart_resize, validate_rgb)
+from instructsam_core.tokens import token_ids_from_tokenizer
 
 
 @pytest.fixture(scope="module")

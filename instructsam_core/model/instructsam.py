@@ -22,25 +22,10 @@ from torch import nn
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from ..config import InstructSamConfig
+from ..tokens import TokenIds
 from .attention import as_attention_bias, hybrid_attention_mask
 from .positions import mrope_positions
 from .sam3_head import HeadOutput, build_sam3, run_head
-
-
-@dataclass
-class TokenIds:
-    """Ids of the special tokens the model's sequences use (read from the tokenizer)."""
-
-    seg: int
-    mask_start: int
-    mask_end: int
-    ref_start: int = 151646
-    ref_end: int = 151647
-    image: int = 151655
-    vision_start: int = 151652
-    vision_end: int = 151653
-    im_end: int = 151645
-    eos: tuple[int, ...] = (151645, 151643)
 
 
 @dataclass
@@ -159,7 +144,7 @@ def find_phrase_blocks(input_ids: torch.Tensor, ids: TokenIds, num_queries: int,
 
 
 class InstructSam(nn.Module):
-    """The InstructSAM model. Build it with `instructsam_core.checkpoint.build_model`.
+    """The InstructSAM model. Build it with `instructsam_core.build` (the only constructor path).
 
     Arguments:
         config: the model configuration (nested Qwen3-VL and SAM3 configs included).
@@ -170,14 +155,14 @@ class InstructSam(nn.Module):
         super().__init__()
         self.config = config
         self.token_ids = token_ids
-        vlm_config = Qwen3VLConfig(**config.vlm) if config.vlm else Qwen3VLConfig()
+        vlm_config = Qwen3VLConfig(**config.vlm)
         vlm_config._attn_implementation = "sdpa"
         vlm_config.text_config._attn_implementation = "sdpa"
         vlm_config.vision_config._attn_implementation = "sdpa"
         self.vlm = Qwen3VLForConditionalGeneration(vlm_config)
         hidden = vlm_config.text_config.hidden_size
         k = config.num_queries
-        # The release zero-initialises the bank before stage 1 (see checkpoint.from_base_models);
+        # The release zero-initialises the bank before stage 1 (see build.from_base_models);
         # a fresh model gets small random slots so that an untrained model's slots differ.
         self.mask_queries = nn.Parameter(torch.randn(k, hidden) * 0.02)
         self.mask_hidden_fcs = nn.ModuleList([_projector(hidden, config.out_dim)])

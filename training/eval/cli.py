@@ -65,15 +65,9 @@ def prompt_from_args(args: argparse.Namespace, default: PromptFn | None) -> Prom
 def load_predictor(args: argparse.Namespace) -> Predictor:
     """`Segmenter.from_pretrained` with the benchmark's engine settings (no duplicate
     suppression, the official generation budget) unless the arguments say otherwise."""
-    import torch
-
     from instructsam_core.engine import Segmenter
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    return Segmenter.from_pretrained(args.checkpoint, device=device, dtype=dtype,
+    return Segmenter.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
                                      mask_nms_iou=args.mask_nms_iou, max_new_tokens=args.max_new_tokens)
 
 
