@@ -1,4 +1,4 @@
-"""From per-slot predictions to instances: threshold, upsample, de-duplicate, box.
+"""From per-slot predictions to instances: threshold, upsample, de-duplicate, box; label images.
 
 Follows the released inference: a slot is kept when its score exceeds the threshold, its
 mask logits are upsampled bilinearly (align_corners=False) to the image size and the
@@ -34,6 +34,19 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
     boxes[nonempty, 2] = w - 1 - cols[nonempty][:, ::-1].argmax(axis=1)
     boxes[nonempty, 3] = h - 1 - rows[nonempty][:, ::-1].argmax(axis=1)
     return boxes
+
+
+def label_image(masks: np.ndarray, dtype: type = np.uint16) -> np.ndarray:
+    """`(H, W)` label image of `(N, H, W)` bool masks sorted best first: 0 = background,
+    k = masks[k-1]. Where masks overlap the lower id (the higher score) wins, so the image
+    is lossless exactly where instances do not overlap."""
+    n, h, w = masks.shape
+    if n > np.iinfo(dtype).max:
+        raise ValueError(f"{n} instances do not fit a {np.dtype(dtype).name} label image")
+    labels = np.zeros((h, w), dtype=dtype)
+    for k in range(n - 1, -1, -1):  # paint worst first so the best ends on top
+        labels[masks[k]] = k + 1
+    return labels
 
 
 def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

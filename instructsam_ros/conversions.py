@@ -175,21 +175,6 @@ def as_uint8_array(data) -> array.array:
     return array.array("B", data)
 
 
-def label_image(masks: np.ndarray) -> np.ndarray:
-    """`(H, W)` uint16 label image from `(N, H, W)` bool masks sorted by score, best first.
-
-    0 = background, k = masks[k-1]. Where masks overlap the lower id (higher score)
-    wins, so the image is lossless exactly where instances do not overlap.
-    """
-    n, h, w = masks.shape
-    if n >= 65535:
-        raise ValueError(f"{n} instances do not fit a mono16 label image")
-    labels = np.zeros((h, w), dtype=np.uint16)
-    for k in range(n - 1, -1, -1):  # paint worst first so the best ends on top
-        labels[masks[k]] = k + 1
-    return labels
-
-
 def crop_mask(mask: np.ndarray, box: np.ndarray) -> np.ndarray:
     """mono8 crop (255/0) of a full-size bool mask to an inclusive xyxy box."""
     x1, y1, x2, y2 = (int(v) for v in box)

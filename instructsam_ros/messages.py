@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from instructsam_ros.conversions import crop_mask, label_image, numpy_to_image
+from instructsam_core.postprocess import label_image
+from instructsam_ros.conversions import crop_mask, numpy_to_image
 from instructsam_ros.geometry import Intrinsics, mask_position
 
 

@@ -12,9 +12,12 @@ from training.eval.masks import DataError, rle_encode
 from training.eval.prompts import (
     grefcoco_prompt, inst2seg_prompt, reasonseg_prompt, roborefit_prompt, strip_quotes, template_prompt,
 )
-from training.eval.readers import (
-    FormatError, detect_roborefit_format, read_grefcoco, read_inst2seg, read_plain, read_reasonseg,
-    read_roborefit, read_roborefit_official, resolve_path, roborefit_official_file,
+from training.eval.grefcoco import read_grefcoco
+from training.eval.inst2seg import read_inst2seg
+from training.eval.readers import FormatError, resolve_path
+from training.eval.reasonseg import read_reasonseg
+from training.eval.roborefit import (
+    detect_roborefit_format, read_plain, read_roborefit, read_roborefit_official, roborefit_official_file,
 )
 from training.eval.synthetic import (
     rect_mask, write_grefcoco, write_inst2seg, write_reasonseg, write_roborefit_official, write_roborefit_qa,

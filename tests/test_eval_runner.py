@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from instructsam_core.metrics import GRES_IOU, LISA_IOU, mask_iou
+from training.metrics import GRES_IOU, LISA_IOU, mask_iou
 from instructsam_core.result import Result
 from training.eval import inst2seg, reasonseg, roborefit
-from training.eval.readers import read_inst2seg, read_plain, read_reasonseg, read_roborefit, roborefit_official_file
+from training.eval.inst2seg import read_inst2seg
+from training.eval.reasonseg import read_reasonseg
+from training.eval.roborefit import read_plain, read_roborefit, roborefit_official_file
 from training.eval.runner import RunConfig, parse_shard, read_log, read_split_logs, run_split, select
 from training.eval.summary import latency_stats, markdown_table, run_info, summarize_split
 from training.eval.synthetic import rect_mask, write_inst2seg, write_reasonseg, write_roborefit_official

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from instructsam_core.metrics import (
+from training.metrics import (
     EPS, GRES_IOU, IOU_THRESHOLDS, LISA_IOU, InstanceAPAccumulator, SampleScores, SegmentationAccumulator, box_iou,
     failed_sample, mask_iou, mask_to_box, pairwise_box_iou, pairwise_mask_iou, score_sample,
     voc_average_precision,

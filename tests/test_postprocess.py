@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from instructsam_core.postprocess import masks_to_boxes, slots_to_result
+from instructsam_core.postprocess import label_image, masks_to_boxes, slots_to_result
 
 
 def test_boxes_use_inclusive_max_pixel_and_empty_masks_have_none():
@@ -74,3 +74,19 @@ def test_overlapping_slots_both_survive_by_default():
     r = slots_to_result(logits, torch.tensor([[0.9, 0.8]]), ["a"], (8, 8), 0.5)
     assert r.slots.tolist() == [0, 1]  # the release keeps every slot above the threshold
     assert EngineConfig().mask_nms_iou is None
+
+
+def test_label_image_lower_id_wins_overlaps_and_is_lossless_elsewhere():
+    masks = np.zeros((3, 6, 8), bool)
+    masks[0, 1:4, 1:4] = True
+    masks[1, 2:6, 2:7] = True  # overlaps instance 1
+    masks[2, 0, 7] = True
+    labels = label_image(masks)
+    assert labels.dtype == np.uint16
+    assert labels[2, 2] == 1  # overlap: instance 1 (higher score) wins
+    assert labels[5, 6] == 2 and labels[0, 7] == 3 and labels[0, 0] == 0
+    only = masks.sum(0) == 1
+    for k in range(3):  # where masks do not overlap, each mask is recovered exactly
+        np.testing.assert_array_equal((labels == k + 1) & only, masks[k] & only)
+    with pytest.raises(ValueError, match="do not fit a uint8 label image"):
+        label_image(np.zeros((256, 2, 2), bool), np.uint8)

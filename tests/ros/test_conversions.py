@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from instructsam_ros.conversions import (ImageError, compressed_to_rgb, crop_mask,
-                                         depth_to_metres, image_to_rgb, label_image,
+                                         depth_to_metres, image_to_rgb,
                                          numpy_to_image)
 
 
@@ -140,20 +140,6 @@ def test_depth_16uc1_millimetres_and_32fc1_metres_with_invalid_pixels():
 def test_depth_rejects_colour_encoding():
     with pytest.raises(ImageError, match="unsupported depth encoding 'rgb8'"):
         depth_to_metres(_msg(_rgb(), "rgb8"))
-
-
-def test_label_image_lower_id_wins_overlaps_and_is_lossless_elsewhere():
-    masks = np.zeros((3, 6, 8), bool)
-    masks[0, 1:4, 1:4] = True
-    masks[1, 2:6, 2:7] = True  # overlaps instance 1
-    masks[2, 0, 7] = True
-    labels = label_image(masks)
-    assert labels.dtype == np.uint16
-    assert labels[2, 2] == 1  # overlap: instance 1 (higher score) wins
-    assert labels[5, 6] == 2 and labels[0, 7] == 3 and labels[0, 0] == 0
-    only = masks.sum(0) == 1
-    for k in range(3):  # where masks do not overlap, each mask is recovered exactly
-        np.testing.assert_array_equal((labels == k + 1) & only, masks[k] & only)
 
 
 def test_numpy_to_image_round_trips_through_the_decoder():

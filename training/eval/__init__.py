@@ -5,6 +5,6 @@
 - `training.eval.reasonseg`  ReasonSeg (gIoU, cIoU; short/long)
 - `training.eval.grefcoco`   gRefCOCO (instance mAP, cIoU, gIoU, N-acc, T-acc)
 
-Metrics live in `instructsam_core.metrics`; see docs/evaluation.md for the formats read
+Metrics live in `training.metrics`; see docs/evaluation.md for the formats read
 and every protocol choice.
 """

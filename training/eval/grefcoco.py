@@ -14,11 +14,49 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from instructsam_core.metrics import GRES_IOU
 from training.eval.cli import base_parser, guarded, prompt_from_args, run_benchmark, split_name
-from training.eval.prompts import grefcoco_prompt
-from training.eval.readers import read_grefcoco
+from training.eval.prompts import PromptFn, grefcoco_prompt, strip_quotes
+from training.eval.readers import FormatError, ann_gt, field_of, load_json_records, prompted, resolve_path, size_of
+from training.eval.samples import Sample
 from training.eval.summary import BenchmarkSpec
+from training.metrics import GRES_IOU
+
+def grefcoco_image_path(data_root: Path, image: str) -> Path:
+    """Where the official gRefCOCO script finds an image: `coco/train2017/<suffix>` if it
+    exists, else `coco/val2017/<suffix>` (suffix = name after the last '_'); the path as
+    given is tried last."""
+    suffix = str(image).split("_")[-1]
+    for c in (data_root / "coco" / "train2017" / suffix, data_root / "coco" / "val2017" / suffix):
+        if c.is_file():
+            return c
+    given = resolve_path(data_root, image)
+    return given if given.is_file() else data_root / "coco" / "val2017" / suffix
+
+
+def read_grefcoco(json_path: Path, data_root: Path, prompt: PromptFn = grefcoco_prompt) -> list[Sample]:
+    """gRefCOCO (official AP script): [{image, height, width, cat: [expr], masks: [ann]}].
+
+    One sample per expression; `masks[k]` holds its GT instances (an empty list: no target).
+    """
+    out = []
+    for i, rec in enumerate(load_json_records(json_path)):
+        where = f"{json_path}[{i}]"
+        size = size_of(rec)
+        if size is None:
+            raise FormatError(f"{where}: missing 'height'/'width'")
+        cats = field_of(rec, "cat", where=where)
+        masks = field_of(rec, "masks", where=where)
+        if len(cats) != len(masks):
+            raise FormatError(f"{where}: {len(cats)} expressions but {len(masks)} mask entries")
+        image = grefcoco_image_path(Path(data_root), field_of(rec, "image", where=where))
+        for k, (cat, ann) in enumerate(zip(cats, masks)):
+            text = strip_quotes(cat)
+            out.append(Sample(
+                sample_id=f"{i:06d}-{k}", image=image, text=text, **prompted(prompt, text),
+                load_gt=ann_gt(ann, size),
+            ))
+    return out
+
 
 SPEC = BenchmarkSpec(
     name="grefcoco",

@@ -14,11 +14,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from instructsam_core.metrics import GRES_IOU
 from training.eval.cli import base_parser, guarded, prompt_from_args, run_benchmark, split_name
-from training.eval.prompts import inst2seg_prompt
-from training.eval.readers import read_inst2seg
+from training.eval.prompts import PromptFn, inst2seg_prompt, strip_quotes
+from training.eval.readers import FormatError, ann_gt, field_of, load_json_records, prompted, resolve_path, size_of
+from training.eval.samples import Sample
 from training.eval.summary import BenchmarkSpec
+from training.metrics import GRES_IOU
+
+def read_inst2seg(json_path: Path, data_root: Path, prompt: PromptFn = inst2seg_prompt) -> list[Sample]:
+    """Inst2Seg: [{image, height, width, annotation: [{text, mask?}]}], one sample per annotation.
+
+    An annotation without `mask` is a no-target query (GT of zero instances).
+    """
+    out = []
+    for i, rec in enumerate(load_json_records(json_path)):
+        where = f"{json_path}[{i}]"
+        image = resolve_path(data_root, field_of(rec, "image", where=where))
+        size = size_of(rec)
+        if size is None:
+            raise FormatError(f"{where}: missing 'height'/'width'")
+        anns = field_of(rec, "annotation", where=where)
+        for j, ann in enumerate(anns):
+            text = strip_quotes(field_of(ann, "text", where=f"{where}.annotation[{j}]"))
+            out.append(Sample(
+                sample_id=f"{i:06d}-{j}", image=image, text=text, **prompted(prompt, text),
+                load_gt=ann_gt(ann.get("mask"), size),
+            ))
+    return out
+
 
 SPEC = BenchmarkSpec(
     name="inst2seg",

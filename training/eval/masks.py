@@ -10,13 +10,14 @@ rasteriser (exact pixels matter for the metrics), imported only when one is met.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from instructsam_core.fileio import atomic_file
+from instructsam_core.postprocess import label_image
 from instructsam_core.processing import load_rgb
 
 
@@ -111,7 +112,7 @@ def _polygons_to_mask(polys: list, h: int, w: int) -> np.ndarray:
     return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
 
 
-def _is_polygon(x: Any) -> bool:
+def is_polygon(x: Any) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(v, (int, float)) for v in x)
 
 
@@ -136,7 +137,7 @@ def decode_instances(ann: Any, height: int | None = None, width: int | None = No
     if isinstance(ann, (list, tuple)):
         if len(ann) == 0:
             return []
-        if all(_is_polygon(p) for p in ann):
+        if all(is_polygon(p) for p in ann):
             if height is None or width is None:
                 raise DataError("a polygon annotation needs the image height and width")
             return [_polygons_to_mask(list(ann), height, width)]
@@ -144,7 +145,7 @@ def decode_instances(ann: Any, height: int | None = None, width: int | None = No
         for inst in ann:
             if isinstance(inst, dict):
                 out.extend(decode_instances(inst, height, width))
-            elif isinstance(inst, (list, tuple)) and inst and all(_is_polygon(p) for p in inst):
+            elif isinstance(inst, (list, tuple)) and inst and all(is_polygon(p) for p in inst):
                 out.extend(decode_instances(list(inst), height, width))
             else:
                 raise DataError(f"unrecognised instance annotation of type {type(inst).__name__}")
@@ -212,20 +213,10 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def write_label_png(path: Path, masks: np.ndarray) -> None:
-    """Write instances as one label image: 0 background, i + 1 for instance i.
-
-    Instances are painted from last to first, so where masks overlap the earlier (higher
-    scoring) instance wins. 8-bit PNG up to 255 instances, 16-bit beyond. Written to a
-    temporary file and moved into place.
-    """
+    """Write instances as one label PNG (`postprocess.label_image`: 0 background, i + 1
+    for instance i, the earlier instance winning where masks overlap), 8-bit up to 255
+    instances, 16-bit beyond; atomically."""
     masks = np.asarray(masks, dtype=bool)
-    n = masks.shape[0]
-    dtype = np.uint8 if n < 256 else np.uint16
-    label = np.zeros(masks.shape[1:], dtype=dtype)
-    for i in range(n - 1, -1, -1):
-        label[masks[i]] = i + 1
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(label).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    label = label_image(masks, np.uint8 if masks.shape[0] < 256 else np.uint16)
+    with atomic_file(path) as tmp:
+        Image.fromarray(label).save(tmp, format="PNG")

@@ -1,14 +1,9 @@
-"""Readers of the benchmark question files, one function per format.
+"""What the benchmarks' question-file readers share: JSON records, dataset paths, fields,
+lazy GT loaders.
 
-Every reader returns a list of `Sample`s; GT masks are decoded lazily, inside the
-runner, so that one bad mask fails one sample instead of the whole run. Formats (see
-docs/evaluation.md for the fields):
-
-- RoboRefIt official: `final_dataset/{split}/roborefit_{split}.json`.
-- RoboRefIt QA: the official evaluation's preprocessed list {image, question, masks}.
-- plain: a JSON list or JSONL of {image, text, mask? | masks?, id?, scene?, bbox?}.
-- frames: a folder of `image_<id>.png` + `text_<id>.txt` (+ optional `mask_<id>.png`).
-- Inst2Seg, ReasonSeg, gRefCOCO: the question files the official scripts read.
+Each benchmark's own reader lives with it (`roborefit.py`, `inst2seg.py`, `reasonseg.py`,
+`grefcoco.py`). Every reader returns a list of `Sample`s; GT masks are decoded lazily,
+inside the runner, so that one bad mask fails one sample instead of the whole run.
 """
 
 from __future__ import annotations
@@ -17,11 +12,9 @@ import json
 from pathlib import Path, PureWindowsPath
 from typing import Any, Callable
 
-from training.eval.masks import DataError, _is_polygon, decode_instances, read_png_mask
-from training.eval.prompts import (
-    PromptFn, build_instruction, grefcoco_prompt, inst2seg_prompt, reasonseg_prompt, roborefit_prompt, strip_quotes,
-)
-from training.eval.samples import GroundTruth, Sample
+from training.eval.masks import DataError, decode_instances, read_png_mask
+from training.eval.prompts import PromptFn, build_instruction
+from training.eval.samples import GroundTruth
 
 
 class FormatError(ValueError):
@@ -80,20 +73,20 @@ def resolve_path(root: Path, raw: str) -> Path:
     return candidates[0]
 
 
-def _prompted(prompt: PromptFn, text: str) -> dict:
+def prompted(prompt: PromptFn, text: str) -> dict:
     """`instruction` and `error` of a Sample: an expression the prompt builder rejects
     (empty) fails that sample in the runner instead of aborting the whole file."""
     instruction, error = build_instruction(prompt, text)
     return {"instruction": instruction, "error": error}
 
 
-def _check_id(sid: str, ids: set[str], where: str) -> None:
+def check_id(sid: str, ids: set[str], where: str) -> None:
     if sid in ids:
         raise FormatError(f"{where}: duplicate id {sid!r}")
     ids.add(sid)
 
 
-def _field(rec: dict, *names: str, where: str) -> Any:
+def field_of(rec: dict, *names: str, where: str) -> Any:
     for n in names:
         if n in rec:
             return rec[n]
@@ -112,7 +105,7 @@ def _png_gt(paths: list[Path], box: tuple | None = None, ignore_value: int | Non
     return GroundTruth.from_masks(masks, masks[0].shape, box=box, ignore=ignore)
 
 
-def _mask_path_gt(path: Path, box: tuple | None = None, ignore_value: int | None = None) -> Callable[[], GroundTruth]:
+def mask_path_gt(path: Path, box: tuple | None = None, ignore_value: int | None = None) -> Callable[[], GroundTruth]:
     """GT from a mask PNG, or from a folder of PNGs (one instance each). A `<name>.png`
     that does not exist next to a folder `<name>/` means that folder (RoboRefIt's
     `mask/<num>/<k>.png` layout)."""
@@ -131,7 +124,7 @@ def _mask_path_gt(path: Path, box: tuple | None = None, ignore_value: int | None
     return load
 
 
-def _ann_gt(ann: Any, size: tuple[int, int] | None, box: tuple | None = None,
+def ann_gt(ann: Any, size: tuple[int, int] | None, box: tuple | None = None,
             ignore_ann: Any = None) -> Callable[[], GroundTruth]:
     """GT from a COCO-style annotation (RLE / polygons / lists of them)."""
 
@@ -150,7 +143,7 @@ def _ann_gt(ann: Any, size: tuple[int, int] | None, box: tuple | None = None,
     return load
 
 
-def _box(value: Any, where: str) -> tuple[float, float, float, float] | None:
+def parse_box(value: Any, where: str) -> tuple[float, float, float, float] | None:
     if value is None:
         return None
     try:
@@ -162,296 +155,7 @@ def _box(value: Any, where: str) -> tuple[float, float, float, float] | None:
     return box  # type: ignore[return-value]
 
 
-def _size(rec: dict) -> tuple[int, int] | None:
+def size_of(rec: dict) -> tuple[int, int] | None:
     if "height" in rec and "width" in rec:
         return int(rec["height"]), int(rec["width"])
     return None
-
-
-# --------------------------------------------------------------------------- RoboRefIt
-
-
-def roborefit_official_file(data_root: Path, split: str) -> Path:
-    """`final_dataset/{split}/roborefit_{split}.json` below `data_root` (or `data_root` itself)."""
-    data_root = Path(data_root)
-    for base in (data_root / "final_dataset", data_root):
-        f = base / split / f"roborefit_{split}.json"
-        if f.is_file():
-            return f
-    raise FormatError(
-        f"no RoboRefIt annotation for split {split!r}: looked for "
-        f"{data_root / 'final_dataset' / split / f'roborefit_{split}.json'}"
-    )
-
-
-def read_roborefit_official(json_path: Path, data_root: Path, prompt: PromptFn = roborefit_prompt) -> list[Sample]:
-    """RoboRefIt's own annotation: [{num, text, bbox, rgb_path, depth_path, mask_path, scene}].
-
-    Paths are Windows-style and relative to `data_root` (the folder holding
-    `final_dataset`). `mask_path` may name one PNG or a folder of instance PNGs.
-    """
-    out = []
-    for i, rec in enumerate(load_json_records(json_path)):
-        where = f"{json_path}[{i}]"
-        text = strip_quotes(_field(rec, "text", where=where))
-        mask_raw = rec.get("mask_path")
-        box = _box(rec.get("bbox"), where)
-        out.append(Sample(
-            sample_id=f"{i:06d}",
-            image=resolve_path(data_root, _field(rec, "rgb_path", where=where)),
-            text=text,
-            **_prompted(prompt, text),
-            group=str(rec["scene"]) if rec.get("scene") is not None else None,
-            load_gt=_mask_path_gt(resolve_path(data_root, mask_raw), box) if mask_raw else None,
-            meta={"num": rec.get("num")},
-        ))
-    return out
-
-
-def read_roborefit_qa(json_path: Path, data_root: Path, prompt: PromptFn = roborefit_prompt) -> list[Sample]:
-    """The official evaluation's preprocessed list: [{image, question|expression, masks: RLE, id?}].
-
-    Raises:
-        FormatError: a record lacks a field, or two records share one id (resume and
-            sharding key on ids).
-    """
-    out = []
-    ids: set[str] = set()
-    for i, rec in enumerate(load_json_records(json_path)):
-        where = f"{json_path}[{i}]"
-        text = strip_quotes(_field(rec, "question", "expression", "text", where=where))
-        sid = str(rec.get("id", f"{i:06d}"))
-        _check_id(sid, ids, where)
-        ann = rec.get("masks")
-        out.append(Sample(
-            sample_id=sid,
-            image=resolve_path(data_root, _field(rec, "image", where=where)),
-            text=text,
-            **_prompted(prompt, text),
-            group=str(rec["scene"]) if rec.get("scene") is not None else None,
-            load_gt=_ann_gt(ann, _size(rec), _box(rec.get("bbox"), where)) if ann is not None else None,
-        ))
-    return out
-
-
-def _plain_gt(ann: Any, data_root: Path, image: Path, size: tuple[int, int] | None,
-              box: tuple | None) -> Callable[[], GroundTruth]:
-    """GT of a plain record's `mask`/`masks`: a PNG path (or folder), a COCO RLE dict or
-    polygon list, or a list of any of these (one or more instances each), all merged into
-    one GroundTruth. An empty list is a no-target GT (its size from height/width, else
-    from the image)."""
-    if isinstance(ann, str):
-        return _mask_path_gt(resolve_path(data_root, ann), box)
-    if not isinstance(ann, (list, tuple)) or (ann and all(_is_polygon(p) for p in ann)):
-        return _ann_gt(ann, size, box)
-
-    def load() -> GroundTruth:
-        masks, ignore = [], None
-        for item in ann:
-            if isinstance(item, str):
-                gt = _mask_path_gt(resolve_path(data_root, item))()
-            else:
-                h, w = size if size else (masks[0].shape if masks else (None, None))
-                inst = decode_instances([item] if _is_polygon(item) else item, h, w)
-                gt = GroundTruth.from_masks(inst, inst[0].shape if inst else (h, w))
-            for m in gt.instances:
-                if masks and m.shape != masks[0].shape:
-                    raise DataError(f"GT masks of one sample differ in size: {m.shape} vs {masks[0].shape}")
-                masks.append(m)
-            if gt.ignore is not None:
-                ignore = gt.ignore if ignore is None else (ignore | gt.ignore)
-        shape = masks[0].shape if masks else (size or _image_size(image))
-        return GroundTruth.from_masks(masks, tuple(shape), box=box, ignore=ignore)
-
-    return load
-
-
-def _image_size(image: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(image) as im:
-            # upright, as the image will be read (EXIF orientations 5-8 turn it sideways)
-            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-            return (im.width, im.height) if turned else (im.height, im.width)
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise DataError(f"a no-target GT needs the image size: {e}") from e
-
-
-def read_plain(json_path: Path, data_root: Path, prompt: PromptFn = roborefit_prompt) -> list[Sample]:
-    """A JSON list / JSONL of {image, text, mask? | masks?, id?, scene?, bbox?, height?, width?}.
-
-    `mask` or `masks` (not both) is a PNG path (or folder of PNGs, one per instance), a
-    COCO RLE dict, or a list of PNG paths / RLE dicts / polygons, merged into one GT (one
-    instance each; an empty list: no target); absent/null means predict-only.
-    """
-    out = []
-    ids: set[str] = set()
-    for i, rec in enumerate(load_json_records(json_path)):
-        where = f"{json_path}[{i}]"
-        text = strip_quotes(_field(rec, "text", "question", "expression", where=where))
-        sid = str(rec.get("id", f"{i:06d}"))
-        _check_id(sid, ids, where)
-        if rec.get("mask") is not None and rec.get("masks") is not None:
-            raise FormatError(f"{where}: both 'mask' and 'masks' given; use one")
-        mask = rec.get("mask") if rec.get("mask") is not None else rec.get("masks")
-        box = _box(rec.get("bbox"), where)
-        image = resolve_path(data_root, _field(rec, "image", where=where))
-        out.append(Sample(
-            sample_id=sid,
-            image=image,
-            text=text,
-            **_prompted(prompt, text),
-            group=str(rec["scene"]) if rec.get("scene") is not None else None,
-            load_gt=None if mask is None else _plain_gt(mask, data_root, image, _size(rec), box),
-        ))
-    return out
-
-
-def read_frames(folder: Path, prompt: PromptFn = roborefit_prompt) -> list[Sample]:
-    """A folder of `image_<id>.png` + `text_<id>.txt` (+ `mask_<id>.png`), as in
-    shared/data/roborefit_example/."""
-    folder = Path(folder)
-    images = sorted(folder.glob("image_*.png"))
-    if not images:
-        raise FormatError(f"{folder}: no image_<id>.png files")
-    out = []
-    for img in images:
-        key = img.stem[len("image_"):]
-        txt = folder / f"text_{key}.txt"
-        if not txt.is_file():
-            raise FormatError(f"{folder}: {img.name} has no {txt.name}")
-        text = strip_quotes(txt.read_text(encoding="utf-8"))
-        mask = folder / f"mask_{key}.png"
-        out.append(Sample(
-            sample_id=key, image=img, text=text, **_prompted(prompt, text),
-            load_gt=_mask_path_gt(mask) if mask.exists() else None,
-        ))
-    return out
-
-
-def detect_roborefit_format(path: Path) -> str:
-    """'frames', 'official', 'qa' or 'plain', from the path and the first record's fields."""
-    path = Path(path)
-    if path.is_dir():
-        return "frames"
-    recs = load_json_records(path)
-    if not recs:
-        raise FormatError(f"{path}: no records")
-    keys = set(recs[0])
-    if "rgb_path" in keys:
-        return "official"
-    if "masks" in keys and ("question" in keys or "expression" in keys):
-        return "qa"
-    if "image" in keys and ({"text", "question", "expression"} & keys):
-        return "plain"
-    raise FormatError(f"{path}: unknown RoboRefIt question format (first record has {sorted(keys)})")
-
-
-def read_roborefit(path: Path, data_root: Path | None = None, fmt: str = "auto",
-                   prompt: PromptFn = roborefit_prompt) -> list[Sample]:
-    """Any RoboRefIt question format (auto-detected unless `fmt` says)."""
-    path = Path(path)
-    fmt = detect_roborefit_format(path) if fmt == "auto" else fmt
-    if fmt == "frames":
-        return read_frames(path, prompt)
-    if data_root is None:
-        # official paths start at the folder holding final_dataset/
-        data_root = path.parents[2] if fmt == "official" and len(path.parents) > 2 else path.parent
-    readers = {"official": read_roborefit_official, "qa": read_roborefit_qa, "plain": read_plain}
-    if fmt not in readers:
-        raise FormatError(f"unknown format {fmt!r}; choose from auto, frames, {', '.join(readers)}")
-    return readers[fmt](path, Path(data_root), prompt)
-
-
-# --------------------------------------------------------------------------- other benchmarks
-
-
-def read_inst2seg(json_path: Path, data_root: Path, prompt: PromptFn = inst2seg_prompt) -> list[Sample]:
-    """Inst2Seg: [{image, height, width, annotation: [{text, mask?}]}], one sample per annotation.
-
-    An annotation without `mask` is a no-target query (GT of zero instances).
-    """
-    out = []
-    for i, rec in enumerate(load_json_records(json_path)):
-        where = f"{json_path}[{i}]"
-        image = resolve_path(data_root, _field(rec, "image", where=where))
-        size = _size(rec)
-        if size is None:
-            raise FormatError(f"{where}: missing 'height'/'width'")
-        anns = _field(rec, "annotation", where=where)
-        for j, ann in enumerate(anns):
-            text = strip_quotes(_field(ann, "text", where=f"{where}.annotation[{j}]"))
-            out.append(Sample(
-                sample_id=f"{i:06d}-{j}", image=image, text=text, **_prompted(prompt, text),
-                load_gt=_ann_gt(ann.get("mask"), size),
-            ))
-    return out
-
-
-def read_reasonseg(json_path: Path, data_root: Path, prompt: PromptFn | None = None) -> list[Sample]:
-    """ReasonSeg: [{image, question, is_sentence, mask, ignore_mask?}]; group 'long'/'short'.
-
-    `mask` is an RLE/polygon annotation, or a PNG path whose 255 pixels are ignored
-    (LISA). `question` may also be a list (one sample each). `prompt` overrides the official
-    construction (`reasonseg_prompt`) for both groups.
-    """
-    out = []
-    for i, rec in enumerate(load_json_records(json_path)):
-        where = f"{json_path}[{i}]"
-        q = _field(rec, "question", "text", where=where)
-        questions = q if isinstance(q, list) else [q]
-        is_sentence = bool(rec.get("is_sentence", False))
-        mask = _field(rec, "mask", where=where)
-        if isinstance(mask, str):  # a PNG: 255 is ignored in LISA's 0/1/255 layout, the object in a 0/255 one
-            load = _mask_path_gt(resolve_path(data_root, mask), ignore_value=255)
-        else:
-            load = _ann_gt(mask, _size(rec), ignore_ann=rec.get("ignore_mask"))
-        for j, qq in enumerate(questions):
-            text = strip_quotes(qq)
-            out.append(Sample(
-                sample_id=f"{i:06d}" if len(questions) == 1 else f"{i:06d}-{j}",
-                image=resolve_path(data_root, _field(rec, "image", where=where)),
-                text=text,
-                **_prompted(prompt or (lambda t, s=is_sentence: reasonseg_prompt(t, s)), text),
-                group="long" if is_sentence else "short",
-                load_gt=load,
-            ))
-    return out
-
-
-def grefcoco_image_path(data_root: Path, image: str) -> Path:
-    """Where the official gRefCOCO script finds an image: `coco/train2017/<suffix>` if it
-    exists, else `coco/val2017/<suffix>` (suffix = name after the last '_'); the path as
-    given is tried last."""
-    suffix = str(image).split("_")[-1]
-    for c in (data_root / "coco" / "train2017" / suffix, data_root / "coco" / "val2017" / suffix):
-        if c.is_file():
-            return c
-    given = resolve_path(data_root, image)
-    return given if given.is_file() else data_root / "coco" / "val2017" / suffix
-
-
-def read_grefcoco(json_path: Path, data_root: Path, prompt: PromptFn = grefcoco_prompt) -> list[Sample]:
-    """gRefCOCO (official AP script): [{image, height, width, cat: [expr], masks: [ann]}].
-
-    One sample per expression; `masks[k]` holds its GT instances (an empty list: no target).
-    """
-    out = []
-    for i, rec in enumerate(load_json_records(json_path)):
-        where = f"{json_path}[{i}]"
-        size = _size(rec)
-        if size is None:
-            raise FormatError(f"{where}: missing 'height'/'width'")
-        cats = _field(rec, "cat", where=where)
-        masks = _field(rec, "masks", where=where)
-        if len(cats) != len(masks):
-            raise FormatError(f"{where}: {len(cats)} expressions but {len(masks)} mask entries")
-        image = grefcoco_image_path(Path(data_root), _field(rec, "image", where=where))
-        for k, (cat, ann) in enumerate(zip(cats, masks)):
-            text = strip_quotes(cat)
-            out.append(Sample(
-                sample_id=f"{i:06d}-{k}", image=image, text=text, **_prompted(prompt, text),
-                load_gt=_ann_gt(ann, size),
-            ))
-    return out

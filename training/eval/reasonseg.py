@@ -13,10 +13,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from instructsam_core.metrics import LISA_IOU
 from training.eval.cli import base_parser, guarded, prompt_from_args, run_benchmark, split_name
-from training.eval.readers import read_reasonseg
+from training.eval.prompts import PromptFn, reasonseg_prompt, strip_quotes
+from training.eval.readers import ann_gt, field_of, load_json_records, mask_path_gt, prompted, resolve_path, size_of
+from training.eval.samples import Sample
 from training.eval.summary import BenchmarkSpec
+from training.metrics import LISA_IOU
+
+def read_reasonseg(json_path: Path, data_root: Path, prompt: PromptFn | None = None) -> list[Sample]:
+    """ReasonSeg: [{image, question, is_sentence, mask, ignore_mask?}]; group 'long'/'short'.
+
+    `mask` is an RLE/polygon annotation, or a PNG path whose 255 pixels are ignored
+    (LISA). `question` may also be a list (one sample each). `prompt` overrides the official
+    construction (`reasonseg_prompt`) for both groups.
+    """
+    out = []
+    for i, rec in enumerate(load_json_records(json_path)):
+        where = f"{json_path}[{i}]"
+        q = field_of(rec, "question", "text", where=where)
+        questions = q if isinstance(q, list) else [q]
+        is_sentence = bool(rec.get("is_sentence", False))
+        mask = field_of(rec, "mask", where=where)
+        if isinstance(mask, str):  # a PNG: 255 is ignored in LISA's 0/1/255 layout, the object in a 0/255 one
+            load = mask_path_gt(resolve_path(data_root, mask), ignore_value=255)
+        else:
+            load = ann_gt(mask, size_of(rec), ignore_ann=rec.get("ignore_mask"))
+        for j, qq in enumerate(questions):
+            text = strip_quotes(qq)
+            out.append(Sample(
+                sample_id=f"{i:06d}" if len(questions) == 1 else f"{i:06d}-{j}",
+                image=resolve_path(data_root, field_of(rec, "image", where=where)),
+                text=text,
+                **prompted(prompt or (lambda t, s=is_sentence: reasonseg_prompt(t, s)), text),
+                group="long" if is_sentence else "short",
+                load_gt=load,
+            ))
+    return out
+
 
 SPEC = BenchmarkSpec(
     name="reasonseg",

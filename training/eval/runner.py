@@ -31,10 +31,11 @@ from typing import Any, Iterable, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from instructsam_core.metrics import INSTRUCTSAM_IOU, IouFormula, failed_sample, pairwise_mask_iou, score_sample
+from instructsam_core.fileio import atomic_file
 from instructsam_core.result import Result
 from training.eval.masks import DataError, read_rgb, write_label_png
 from training.eval.samples import GroundTruth, Sample
+from training.metrics import INSTRUCTSAM_IOU, IouFormula, failed_sample, pairwise_mask_iou, score_sample
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -61,7 +62,7 @@ class RunConfig:
         warmup: the first `warmup` samples this process runs are left out of latency.
         retry_failed: rerun samples logged as failed instead of skipping them.
         progress: show a progress bar.
-        iou: the benchmark's per-sample IoU formula (`metrics.IouFormula`).
+        iou: the benchmark's per-sample IoU formula (`training.metrics.IouFormula`).
         instance_ious: log each instance's IoU with each GT instance (for mAP).
     """
 
@@ -149,9 +150,8 @@ def read_log(path: Path, repair: bool = False) -> list[dict]:
             pass  # torn write: drop it, the sample reruns
         if not repair:
             return records
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(keep)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(keep)
     return records
 
 

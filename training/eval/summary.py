@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import subprocess
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -14,8 +13,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from instructsam_core.metrics import IouFormula, InstanceAPAccumulator, SampleScores, SegmentationAccumulator
+from instructsam_core.fileio import write_text_atomic
 from training.eval.runner import STATUS_FAILED, STATUS_OK, STATUS_PREDICT_ONLY
+from training.metrics import IouFormula, InstanceAPAccumulator, SampleScores, SegmentationAccumulator
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class BenchmarkSpec:
         name: benchmark name (summary, table).
         title: name in the Markdown table.
         score_threshold: default slot threshold of the paper's evaluation.
-        iou: the per-sample IoU and cIoU formula (`metrics.IouFormula`).
+        iou: the per-sample IoU and cIoU formula (`training.metrics.IouFormula`).
         instance_ious: whether instance mAP is computed (logs per-instance IoUs).
         mean_iou_name: what the mean per-sample IoU is called ('miou' or 'giou').
         group_by: 'group' (the reader's group: scene, short/long) or 'targets'
@@ -52,18 +52,8 @@ class BenchmarkSpec:
 # --------------------------------------------------------------------------- files, run info
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file of this process and move it into place: readers never
-    see a torn file, and shards finishing together do not trip over each other."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON atomically (see `write_text_atomic`); NaN becomes null."""
+    """Write JSON atomically (`fileio.write_text_atomic`); NaN becomes null."""
     write_text_atomic(path, json.dumps(_jsonable(obj), indent=2, ensure_ascii=False) + "\n")
 
 

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .postprocess import masks_to_boxes
+from instructsam_core.postprocess import masks_to_boxes
 
 EPS = 1e-12
 """Added to every mask/box IoU denominator (the RoboRefIt/InstructSAM convention)."""
