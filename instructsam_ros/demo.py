@@ -4,7 +4,7 @@
     ros2 run instructsam_ros demo --out /tmp/demo --checkpoint /models/InstructSAM-2B
 
 Starts the node (in this process, on its own executor thread), publishes an instruction
-and a few synthetic camera frames to it through DDS like a camera driver and a planner
+and a few procedural tabletop frames (`instructsam_core.sample_images`) to it through DDS like a camera driver and a planner
 would, prints each InstanceSegmentation that comes back and writes the overlay images as
 PNG files. With the default `--checkpoint tiny` the model is a tiny UNTRAINED network:
 everything flows end to end (masks, boxes, label image, overlay), but what it segments is
@@ -22,43 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-# A tabletop: (name, RGB colour) of the objects drawn.
-OBJECTS = [("red mug", (200, 30, 30)), ("blue bowl", (30, 60, 200)),
-           ("yellow banana", (230, 210, 40)), ("green apple", (60, 170, 60))]
-
-
-def draw_scene(size: tuple[int, int] = (240, 320), seed: int = 0) -> np.ndarray:
-    """A synthetic tabletop `(H, W, 3)` uint8 RGB: wooden table, wall, a few objects.
-
-    Deterministic for a seed; objects shift slightly from seed to seed like a moving
-    camera.
-    """
-    from PIL import Image, ImageDraw
-
-    h, w = size
-    rng = np.random.default_rng(seed)
-    im = Image.new("RGB", (w, h), (205, 200, 190))
-    d = ImageDraw.Draw(im)
-    d.rectangle([0, h // 2, w, h], fill=(150, 110, 70))  # table
-    for i in range(0, w, max(8, w // 16)):  # wood grain
-        d.line([i, h // 2, i + w // 10, h], fill=(135, 98, 62), width=1)
-    shift = int(rng.integers(-w // 40 - 1, w // 40 + 1))
-    slots = np.linspace(0.12, 0.88, len(OBJECTS))
-    for (name, color), fx in zip(OBJECTS, slots):
-        cx, cy, r = int(fx * w) + shift, int(0.66 * h), max(4, min(h, w) // 12)
-        if "mug" in name:
-            d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
-            d.ellipse([cx + r - 2, cy - r // 2, cx + 2 * r, cy + r // 2], outline=color, width=3)
-        elif "bowl" in name:
-            d.chord([cx - 1.4 * r, cy - r, cx + 1.4 * r, cy + r], 0, 180, fill=color)
-        elif "banana" in name:
-            d.arc([cx - r, cy - r, cx + r, cy + r], 20, 160, fill=color, width=max(3, r // 2))
-        else:
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-    noise = rng.normal(0, 3, (h, w, 3))
-    return np.clip(np.asarray(im, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
-
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="instructsam_ros.demo", description=__doc__.split("\n\n")[0])
@@ -85,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from std_msgs.msg import Header, String
     from PIL import Image as PILImage
 
+    from instructsam_core.fileio import atomic_file
+    from instructsam_core.sample_images import tabletop_scene
     from instructsam_ros.conversions import numpy_to_image
     from instructsam_ros.msg import InstanceSegmentation
     from instructsam_ros.perception_node import PerceptionNode
@@ -140,14 +105,16 @@ def run(args: argparse.Namespace) -> int:
         for i in range(args.frames):
             header = Header(frame_id="camera_color_optical_frame")
             header.stamp.sec = i + 1  # one synthetic second per frame: easy to match
-            image_pub.publish(numpy_to_image(draw_scene((h, w), seed=i), "rgb8", header))
+            frame = tabletop_scene(w, h, seed=i).image  # the core's sample scenes, one per frame
+            image_pub.publish(numpy_to_image(frame, "rgb8", header))
             if not _wait(lambda: i + 1 in results and i + 1 in overlays, 120.0):
                 print(f"frame {i}: no answer within 120 s", file=sys.stderr)
                 continue
             res, ov = results[i + 1], overlays[i + 1]
             answered += 1
             path = out_dir / f"overlay_{i:02d}.png"
-            PILImage.fromarray(np.ascontiguousarray(ov[:, :, ::-1])).save(path)
+            with atomic_file(path) as tmp:
+                PILImage.fromarray(np.ascontiguousarray(ov[:, :, ::-1])).save(tmp, format="PNG")
             inst = ", ".join(
                 f"#{x.id} '{x.phrase}' score {x.score:.2f} box "
                 f"({x.roi.x_offset},{x.roi.y_offset},{x.roi.width}x{x.roi.height})"

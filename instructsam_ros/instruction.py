@@ -11,13 +11,18 @@ class InstructionError(ValueError):
     """An instruction the node refuses; the message says why."""
 
 
-def clean_instruction(text: str, max_length: int) -> tuple[str, list[str]]:
+class InstructionTooLong(InstructionError):
+    """An instruction over the `max_instruction_chars` limit (never cut silently)."""
+
+
+def clean_instruction(text: str, max_chars: int) -> tuple[str, list[str]]:
     """Check and normalise an instruction.
 
     Returns the text to use ("" means "no instruction") and warnings to log (control
-    characters removed, text cut to `max_length`). Raises InstructionError for text
-    that is not clean UTF-8: rclpy decodes a std_msgs/String with errors="replace", so
-    invalid bytes arrive as U+FFFD.
+    characters replaced). Raises InstructionError for text that is not clean UTF-8
+    (rclpy decodes a std_msgs/String with errors="replace", so invalid bytes arrive as
+    U+FFFD) and InstructionTooLong for more than `max_chars` characters (the engine's
+    limit of the same name).
     """
     warnings: list[str] = []
     if "\ufffd" in text:
@@ -30,11 +35,10 @@ def clean_instruction(text: str, max_length: int) -> tuple[str, list[str]]:
     if cleaned != text:
         warnings.append("instruction contained control characters; they were replaced by spaces")
     cleaned = " ".join(cleaned.split())  # collapse whitespace runs and newlines
-    if len(cleaned) > max_length:
-        warnings.append(
-            f"instruction is {len(cleaned)} characters long; cut to the first {max_length} "
-            "(parameter max_instruction_length)")
-        cleaned = cleaned[:max_length].rstrip()
+    if len(cleaned) > max_chars:
+        raise InstructionTooLong(
+            f"instruction has {len(cleaned)} characters, more than the limit of {max_chars} "
+            "(parameter max_instruction_chars)")
     return cleaned, warnings
 
 

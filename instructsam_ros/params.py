@@ -55,8 +55,8 @@ def specs() -> dict[str, Spec]:
         "dtype": Spec("auto", "Model weights/compute dtype; auto = the engine's choice "
                       "(bfloat16 on GPU, float32 on CPU).", choices=DTYPES),
         "backend": Spec("eager", "Inference backend of the engine.", choices=backends()),
-        "score_threshold": Spec(0.5, "Keep instances whose score (0..1) is at least this.",
-                                range=(0.0, 1.0)),
+        "score_threshold": Spec(0.5, "Keep instances whose score (0..1) is above this "
+                                "(strictly: 1.0 keeps nothing).", range=(0.0, 1.0)),
         "max_instances": Spec(0, "Keep at most this many instances per frame, best first; "
                               "0 = no limit.", range=(0, 1000)),
         "max_new_tokens": Spec(1024, "Generation budget per instruction, in tokens (the "
@@ -91,8 +91,10 @@ def specs() -> dict[str, Spec]:
         "max_rate": Spec(0.0, "Process at most this many frames per second (extra frames are "
                          "skipped and not counted as dropped); 0 = as fast as the model runs.",
                          range=(0.0, 1000.0)),
-        "max_instruction_length": Spec(1000, "Longer instructions are cut to this many "
-                                       "characters (with a warning).", range=(1, 100000)),
+        "max_instruction_chars": Spec(2000, "Longest instruction accepted, in characters (the "
+                                      "engine's limit of the same name). A longer one is rejected "
+                                      "with a warning, never cut; the current instruction stays.",
+                                      range=(1, 100000)),
         "autostart": Spec(True, "Configure and activate at start-up; false leaves the "
                           "lifecycle node unconfigured for a lifecycle manager."),
     }
@@ -119,7 +121,7 @@ class Settings:
     publish_overlay: bool = True
     publish_label_image: bool = True
     max_rate: float = 0.0
-    max_instruction_length: int = 1000
+    max_instruction_chars: int = 2000
     autostart: bool = True
 
     def with_values(self, values: dict[str, Any]) -> "Settings":
@@ -130,7 +132,7 @@ class Settings:
 
 def engine_options(s: Settings) -> dict[str, Any]:
     """The engine settings (`Segmenter.update_config`) these parameters ask for."""
-    return {"max_new_tokens": s.max_new_tokens,
+    return {"max_new_tokens": s.max_new_tokens, "max_instruction_chars": s.max_instruction_chars,
             "mask_nms_iou": None if s.mask_nms_iou >= 1.0 else s.mask_nms_iou}
 
 

@@ -42,7 +42,7 @@ from instructsam_ros import params
 from instructsam_ros.conversions import (ImageError, compressed_to_rgb, depth_to_metres,
                                          image_to_rgb, numpy_to_image)
 from instructsam_ros.geometry import Intrinsics, check_camera_info_size
-from instructsam_ros.instruction import InstructionError, InstructionState, clean_instruction
+from instructsam_ros.instruction import InstructionError, InstructionState, InstructionTooLong, clean_instruction
 from instructsam_ros.messages import DepthInput, Timing, result_to_msg
 from instructsam_ros.overlay import overlay_bgr
 from instructsam_ros.qos import image_qos, instruction_qos, output_qos
@@ -322,9 +322,12 @@ class PerceptionNode(LifecycleNode):
 
     def _on_instruction(self, msg: String) -> None:
         try:
-            text, warnings = clean_instruction(msg.data, self.settings.max_instruction_length)
+            text, warnings = clean_instruction(msg.data, self.settings.max_instruction_chars)
+        except InstructionTooLong as exc:
+            self._warn("instruction_too_long", f"{exc}; instruction rejected, the current one kept")
+            return
         except InstructionError as exc:
-            # Clear rather than keep the old target: the requester wanted a new one.
+            # Unreadable text: clear rather than keep the old target, the requester wanted a new one.
             self._instruction.set("")
             self._warn("instruction_rejected",
                        f"{exc}; instruction rejected and the current one cleared")
@@ -468,7 +471,7 @@ class PerceptionNode(LifecycleNode):
         response.success = False
         s = self.settings
         try:
-            text, warnings = clean_instruction(request.instruction, s.max_instruction_length)
+            text, warnings = clean_instruction(request.instruction, s.max_instruction_chars)
             for w in warnings:
                 self._warn(_category("instruction_cleaned", w), w)
             if not text:

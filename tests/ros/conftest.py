@@ -81,13 +81,13 @@ def start_node(ros, tmp_path_factory):
 @pytest.fixture
 def make_image():
     """Factory for sensor_msgs/Image test frames (procedural scene, any encoding)."""
-    from instructsam_ros.demo import draw_scene
+    from instructsam_core.sample_images import tabletop_scene
     from instructsam_ros.conversions import numpy_to_image
     from std_msgs.msg import Header
 
     def make(frame_id="camera_color_optical_frame", stamp=(100, 5), size=(96, 128), seed=0,
              encoding="rgb8"):
-        rgb = draw_scene(size, seed)
+        rgb = tabletop_scene(size[1], size[0], seed).image
         header = Header(frame_id=frame_id)
         header.stamp.sec, header.stamp.nanosec = stamp
         arr = {"rgb8": rgb, "bgr8": rgb[:, :, ::-1]}[encoding]

@@ -91,9 +91,9 @@ def io(node, client):
 
 
 def _scene(seed=0):
-    from instructsam_ros.demo import draw_scene
+    from instructsam_core.sample_images import tabletop_scene
 
-    return draw_scene((H, W), seed)
+    return tabletop_scene(W, H, seed).image
 
 
 def test_compressed_frame_with_matching_depth_gets_3d_positions(io):
@@ -271,7 +271,7 @@ def test_other_callbacks_are_served_while_the_service_computes(node, client):
     from instructsam_ros.srv import Segment
     from rcl_interfaces.srv import GetParameters
 
-    from instructsam_ros.demo import draw_scene
+    from instructsam_core.sample_images import tabletop_scene
 
     seg = client.node.create_client(Segment, f"{NODE}/segment")
     get = client.node.create_client(GetParameters, f"{NODE}/get_parameters")
@@ -279,7 +279,7 @@ def test_other_callbacks_are_served_while_the_service_computes(node, client):
         assert seg.wait_for_service(timeout_sec=30) and get.wait_for_service(timeout_sec=30)
         req = _request(depth=False, ident=4343)
         # A 4K frame keeps the tiny model busy for a few tenths of a second.
-        req.image = numpy_to_image(draw_scene((2160, 3840), 5), "rgb8", req.image.header)
+        req.image = numpy_to_image(tabletop_scene(3840, 2160, 5).image, "rgb8", req.image.header)
         future = seg.call_async(req)
         wait_for(lambda: "segment request 4343 received" in node.log() or future.done(), 60,
                  what="the service to start")

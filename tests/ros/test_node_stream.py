@@ -238,23 +238,24 @@ def test_non_utf8_instruction_is_rejected_and_clears(io, node, make_image):
     assert after.instruction == "the red mug" and after.instruction_id > before.instruction_id
 
 
-def test_huge_instruction_is_capped_with_a_warning(io, node, client, make_image):
+def test_over_long_instruction_is_rejected_and_the_current_one_stays(io, node, client, make_image):
     from rcl_interfaces.msg import Parameter, ParameterValue
     from rcl_interfaces.srv import SetParameters
 
     req = SetParameters.Request(parameters=[Parameter(
-        name="max_instruction_length", value=ParameterValue(type=2, integer_value=40))])
+        name="max_instruction_chars", value=ParameterValue(type=2, integer_value=40))])
     assert client.call(SetParameters, f"{NODE}/set_parameters", req).results[0].successful
-    _set_instruction(io, "the red mug " * 100)
-    wait_for(lambda: "cut to the first 40" in node.log(), 20, what="the cap warning")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        result, _, _ = _send(io, make_image)
-        if result.instruction != "the red mug":
-            break
-    assert result.instruction == ("the red mug " * 4).strip()[:40].rstrip()
-    assert len(result.instruction) <= 40
+    from std_msgs.msg import String
+
     _set_instruction(io, "the red mug")
+    io.instruction.publish(String(data="the red mug " * 100))
+    wait_for(lambda: "more than the limit of 40 (parameter max_instruction_chars)" in node.log(), 20,
+             what="the limit warning")
+    assert "the current one kept" in node.log()
+    result, _, _ = _send(io, make_image)
+    assert result.instruction == "the red mug"  # never cut, never replaced
+    req.parameters[0].value.integer_value = 2000
+    assert client.call(SetParameters, f"{NODE}/set_parameters", req).results[0].successful
 
 
 def test_runtime_parameters_are_validated_and_applied(io, client, make_image):

@@ -12,7 +12,7 @@ import yaml
 
 from instructsam_ros import params
 from instructsam_ros.geometry import Intrinsics, check_camera_info_size, mask_position
-from instructsam_ros.instruction import InstructionError, InstructionState, clean_instruction
+from instructsam_ros.instruction import InstructionError, InstructionState, InstructionTooLong, clean_instruction
 from instructsam_ros.sync import StampBuffer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,19 +128,21 @@ def test_warnings_are_rate_limited_per_category_in_a_bounded_table(ros):
             node._warn(_category("bad_image", ImageError(f"truncated: {i} bytes", "truncated")),
                        f"image skipped: truncated: {i} bytes")
             node._warn(_category("instruction_cleaned",
-                                 f"instruction is {i} characters long; cut"), f"cut {i}")
+                                 f"instruction contained {i} control characters"), f"cleaned {i}")
         assert len(node._warned) == 2
-        assert logged == ["image skipped: truncated: 0 bytes", "cut 0"]
+        assert logged == ["image skipped: truncated: 0 bytes", "cleaned 0"]
         node._warn(_category("bad_image", ImageError("unsupported", "encoding")), "other kind")
         assert logged[-1] == "other kind"  # another problem is not hidden by the first
     finally:
         node.destroy_node()
 
 
-def test_clean_instruction_caps_strips_and_rejects():
+def test_clean_instruction_strips_and_rejects_never_cuts():
     assert clean_instruction("  the red\n mug ", 100) == ("the red mug", [])
-    text, warnings = clean_instruction("x" * 50, 10)
-    assert text == "x" * 10 and "cut to the first 10" in warnings[0]
+    with pytest.raises(InstructionTooLong, match="50 characters, more than the limit of 10 "
+                                                 "\\(parameter max_instruction_chars\\)"):
+        clean_instruction("x" * 50, 10)
+    assert clean_instruction("x" * 10, 10) == ("x" * 10, [])
     text, warnings = clean_instruction("the\x07mug", 100)
     assert text == "the mug" and "control characters" in warnings[0]
     with pytest.raises(InstructionError, match="not valid UTF-8"):
@@ -244,6 +246,9 @@ def test_launch_file_starts_rviz_only_on_request_and_defaults_defer_to_the_param
 
 def test_engine_options_follow_the_release_by_default():
     defaults = params.Settings()
-    assert params.engine_options(defaults) == {"max_new_tokens": 1024, "mask_nms_iou": None}
+    assert params.engine_options(defaults) == {"max_new_tokens": 1024, "mask_nms_iou": None,
+                                               "max_instruction_chars": 2000}
     tuned = defaults.with_values({"max_new_tokens": 32, "mask_nms_iou": 0.7})
-    assert params.engine_options(tuned) == {"max_new_tokens": 32, "mask_nms_iou": 0.7}
+    assert params.engine_options(tuned)["max_new_tokens"] == 32 and params.engine_options(tuned)["mask_nms_iou"] == 0.7
+    from instructsam_core.config import EngineConfig
+    assert params.engine_options(defaults)["max_instruction_chars"] == EngineConfig().max_instruction_chars
