@@ -32,12 +32,13 @@ setup-ros: setup-core
 demo: setup-ros
 	. scripts/ros_env.sh && $(PY) -m instructsam_ros.demo
 
+# --durations: the slowest tests are printed, so a slow one shows up where it lands.
 test: setup-ros
-	. scripts/ros_env.sh && $(PY) -m pytest tests -q -p no:cacheprovider
+	. scripts/ros_env.sh && $(PY) -m pytest tests -q -p no:cacheprovider -rs --durations=15
 
 # Core only (no ROS): what a training cluster or GPU server needs.
 test-core: setup-core
-	$(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/ros
+	$(PY) -m pytest tests/core tests/training -q -p no:cacheprovider -rs --durations=15
 
 segment: setup-core
 	$(VENV)/bin/instructsam segment --instruction "the red mug" --out out/overlay.png

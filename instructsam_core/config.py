@@ -207,7 +207,7 @@ def tiny_config() -> InstructSamConfig:
 
 # Named model configurations: name -> a function returning a fresh config.
 PRESETS: dict[str, Callable[[], InstructSamConfig]] = {
-    "tiny": tiny_config,  # tests, the untrained CPU demo; ~35 M parameters (mostly the embedding)
+    "tiny": tiny_config,  # tests, the untrained CPU demo: 5.2 M parameters, 4.9 M of them the embedding
     "2b": InstructSamConfig,  # InstructSAM-2B as released: 2.13 B (Qwen3-VL-2B) + SAM3 without CLIP
 }
 

@@ -1,9 +1,15 @@
 """Shared pytest fixtures: tiny InstructSAM models built once per session, an RNG guard,
-and a central skip for tests that need CUDA."""
+a central skip for tests that need CUDA, and the real sample data from ../shared/data.
+
+Layout: tests/core (instructsam_core), tests/training (training: metrics, benchmarks),
+tests/ros (the node over real DDS).
+"""
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +25,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def cpu_and_cuda():
-    """Parametrize over devices; CPU always runs."""
-    return ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"  # CI places ../shared beside the checkout
+
+
+def shared_data(name: str) -> Path:
+    """A folder of ../shared/data. Missing: the test fails under CI (where it must be
+    present) and is skipped elsewhere, saying so."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        message = f"{path} is not present (the real sample data beside the checkout)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must provide it")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def roborefit_example() -> Path:
+    """The real RoboRefIt frame (RGB, depth, expression; no GT mask)."""
+    return shared_data("roborefit_example")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)])
+def device(request) -> torch.device:
+    """Run a test on the CPU and, where CUDA exists, on the GPU (skipped centrally otherwise)."""
+    return torch.device(request.param)
 
 
 @pytest.fixture(autouse=True)

@@ -7,19 +7,19 @@ from instructsam_core.config import preset
 from instructsam_core.model.sam3_head import PRESENCE_MODULES, build_sam3, run_head
 
 
-def _inputs(batch=2, prompt_len=5, width=32):
+def _inputs(batch=2, prompt_len=5, width=32, device="cpu"):
     torch.manual_seed(1)
     pixels = torch.randn(batch, 3, 112, 112)
     prompt = torch.randn(batch, prompt_len, width)
     mask = torch.ones(batch, prompt_len, dtype=torch.bool)
     mask[0, 3:] = False  # a padded prompt
-    return pixels, prompt, mask
+    return pixels.to(device), prompt.to(device), mask.to(device)
 
 
-def test_own_queries_with_presence_equal_sam3_forward_exactly():
+def test_own_queries_with_presence_equal_sam3_forward_exactly(device):
     torch.manual_seed(0)
-    sam3 = build_sam3(preset("tiny").sam3, num_queries=4, use_presence=True).eval()
-    pixels, prompt, mask = _inputs()
+    sam3 = build_sam3(preset("tiny").sam3, num_queries=4, use_presence=True).eval().to(device)
+    pixels, prompt, mask = _inputs(device=device)
     with torch.no_grad():
         vision = sam3.get_vision_features(pixel_values=pixels)
         ref = sam3(vision_embeds=vision, text_embeds=BaseModelOutputWithPooling(pooler_output=prompt),

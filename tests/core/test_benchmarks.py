@@ -5,7 +5,7 @@ import runpy
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_latency.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "engine_latency.py"
 
 
 def test_engine_latency_benchmark_writes_a_report(tmp_path, monkeypatch, capsys):

@@ -5,23 +5,16 @@ and the real RoboRefIt frame in shared/data/roborefit_example/ as a smoke test."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-pytest.importorskip("instructsam_core.engine", reason="the inference engine is not in this tree yet")
+from training.eval import grefcoco, inst2seg, reasonseg, roborefit
+from training.eval.runner import read_log
+from training.eval.synthetic import write_grefcoco, write_inst2seg, write_reasonseg, write_roborefit_official
 
-from training.eval import grefcoco, inst2seg, reasonseg, roborefit  # noqa: E402
-from training.eval.runner import read_log  # noqa: E402
-from training.eval.synthetic import (  # noqa: E402
-    write_grefcoco, write_inst2seg, write_reasonseg, write_roborefit_official,
-)
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = Path(os.environ.get("INSTRUCTSAM_ROBOREFIT_EXAMPLE", REPO.parent / "shared" / "data" / "roborefit_example"))
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _lines(path: Path) -> int:
@@ -82,13 +75,11 @@ def test_other_benchmark_clis_run_with_the_tiny_model(tmp_path):
         "mAP": 57.3, "ciou": 68.3}
 
 
-def test_real_roborefit_frame_smoke_run(tmp_path):
+def test_real_roborefit_frame_smoke_run(tmp_path, roborefit_example):
     """The shared real frame has no GT mask: the run is predict-only; check the outputs."""
-    if not EXAMPLE.is_dir():
-        pytest.skip(f"{EXAMPLE} not present (set INSTRUCTSAM_ROBOREFIT_EXAMPLE)")
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "training.eval.roborefit", "--checkpoint", "tiny", "--question-file", str(EXAMPLE),
+        [sys.executable, "-m", "training.eval.roborefit", "--checkpoint", "tiny", "--question-file", str(roborefit_example),
          "--output-dir", str(out), "--save-masks", "--warmup", "0", "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )

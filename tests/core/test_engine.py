@@ -32,9 +32,10 @@ def test_result_is_consistent(tiny_segmenter, image):
     assert r.to_json()["instances"][0]["box_xyxy"] == r.boxes[0].tolist()
 
 
-def test_cached_frame_matches_fresh_encoding(tiny_segmenter, image):
-    fresh = tiny_segmenter.segment_image(image, "the blue mug", key=(1, 0), score_threshold=0.0)
-    cached = tiny_segmenter.segment_image(image, "the blue mug", key=(1, 0), score_threshold=0.0)
+def test_cached_frame_matches_fresh_encoding(tiny_checkpoint, image, device):
+    seg = Segmenter.from_pretrained(str(tiny_checkpoint), device=device, dtype="float32", phrase_mode="instruction")
+    fresh = seg.segment_image(image, "the blue mug", key=(1, 0), score_threshold=0.0)
+    cached = seg.segment_image(image, "the blue mug", key=(1, 0), score_threshold=0.0)
     assert cached.timings["image_encode"] == 0.0
     np.testing.assert_array_equal(fresh.masks, cached.masks)
     np.testing.assert_array_equal(fresh.scores, cached.scores)

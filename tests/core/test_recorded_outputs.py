@@ -7,7 +7,7 @@ live in `fixtures/recorded_tiny.json` and are compared with the tolerances below
 Re-record ONLY on purpose, when a change is meant to alter the numbers, and say why in
 the commit message:
 
-    INSTRUCTSAM_RECORD_OUTPUTS=1 .venv/bin/python -m pytest tests/test_recorded_outputs.py
+    INSTRUCTSAM_RECORD_OUTPUTS=1 .venv/bin/python -m pytest tests/core/test_recorded_outputs.py
 """
 
 from __future__ import annotations

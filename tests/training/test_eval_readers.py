@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +22,6 @@ from training.eval.synthetic import (
     rect_mask, write_grefcoco, write_inst2seg, write_reasonseg, write_roborefit_official, write_roborefit_qa,
 )
 
-EXAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "roborefit_example"
 
 
 # --------------------------------------------------------------------------- prompts
@@ -161,10 +159,8 @@ def test_bad_question_files_say_what_is_wrong(tmp_path):
         read_roborefit(odd, tmp_path)
 
 
-def test_real_example_folder_is_read_as_frames():
-    if not EXAMPLE.is_dir():
-        pytest.skip(f"{EXAMPLE} not present")
-    (s,) = read_roborefit(EXAMPLE)
+def test_real_example_folder_is_read_as_frames(roborefit_example):
+    (s,) = read_roborefit(roborefit_example)
     assert s.sample_id == "0003000" and s.load_gt is None
     assert s.instruction == "I want to get the large yellow pear. Please output the segmentation mask."
 
