@@ -152,6 +152,21 @@ def from_base_models(qwen_dir: str | os.PathLike, sam3_dir: str | os.PathLike | 
     return BuiltModel(model.eval(), tokenizer, dev, torch_dtype, untrained=True)
 
 
+def base_architecture(init: str, preset_name: str = "tiny", qwen_dir: str = "", sam3_dir: str = "",
+                      checkpoint_dir: str = "") -> InstructSamConfig:
+    """The architecture a model would have, read from configs only (no weights): a preset,
+    a Qwen3-VL + SAM3 pair (`init="base"`), or a checkpoint directory. For counting
+    parameters on the meta device."""
+    if init == "preset":
+        return preset(preset_name)
+    if init == "base":
+        vlm, sam3 = base_model_configs(qwen_dir, sam3_dir or None)
+        return InstructSamConfig(vlm=vlm, sam3=sam3)
+    if init == "checkpoint":
+        return read_model_config(checkpoint_dir)
+    raise ValueError(f"unknown init {init!r}; use preset, base or checkpoint")
+
+
 def _random_model(config: InstructSamConfig, seed: int | None, tokenizer, device: torch.device):
     """Randomly initialised weights (float32, on `device`) and the tokenizer to go with them."""
     tokenizer = tokenizer or build_offline_qwen_tokenizer()

@@ -148,3 +148,56 @@ def write_grefcoco(root: Path, name: str = "grefcoco_val.json", size: tuple[int,
     path = root / name
     path.write_text(json.dumps(recs), encoding="utf-8")
     return path
+
+
+# ---- procedural tabletop scenes (training tests, smoke runs) -------------------------------
+
+def write_roborefit_scenes(root: Path, split: str = "train", n: int = 4,
+                           size: tuple[int, int] = (96, 128)) -> list[SyntheticSample]:
+    """RoboRefIt's official layout from the core's tabletop scenes: one sample per scene,
+    the expression naming its first mug, the mug's exact mask as the GT."""
+    from instructsam_core.sample_images import tabletop_scene
+
+    base = Path(root) / "final_dataset" / split
+    (base / "image").mkdir(parents=True, exist_ok=True)
+    (base / "mask").mkdir(parents=True, exist_ok=True)
+    recs, out = [], []
+    h, w = size
+    for i in range(n):
+        scene = tabletop_scene(w, h, seed=i)
+        target = next(o for o in scene.objects if o.name.endswith("mug"))
+        stem = f"{i:07d}"
+        Image.fromarray(scene.image).save(base / "image" / f"{stem}.png")
+        Image.fromarray(target.mask.astype(np.uint8) * 255).save(base / "mask" / f"{stem}.png")
+        ys, xs = np.nonzero(target.mask)
+        win = f"final_dataset\\{split}"
+        text = f"the {target.name}"
+        recs.append({"num": i, "text": text, "bbox": [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())],
+                     "scene": f"scene_{i}", "rgb_path": f"{win}\\image\\{stem}.png",
+                     "depth_path": f"{win}\\depth\\{stem}.png", "mask_path": f"{win}\\mask\\{stem}.png"})
+        out.append(SyntheticSample(base / "image" / f"{stem}.png", text, [], size))
+    (base / f"roborefit_{split}.json").write_text(json.dumps(recs), encoding="utf-8")
+    return out
+
+
+def write_grefcoco_scenes(root: Path, name: str = "grefcoco_train.json", n: int = 2,
+                          size: tuple[int, int] = (96, 128)) -> Path:
+    """gRefCOCO's JSON from the core's tabletop scenes: per image "the mugs" (every mug,
+    two or three instances), "the tray" (one) and "the purple elephant" (none)."""
+    from instructsam_core.sample_images import tabletop_scene
+
+    root = Path(root)
+    h, w = size
+    recs = []
+    for i in range(n):
+        scene = tabletop_scene(w, h, seed=100 + i)
+        image = f"COCO_train2014_{i:012d}.png"  # found as coco/train2017/<suffix>, as the official script does
+        (root / "coco" / "train2017").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scene.image).save(root / "coco" / "train2017" / image.split("_")[-1])
+        mugs = [rle_encode(o.mask) for o in scene.objects if o.name.endswith("mug")]
+        tray = [rle_encode(o.mask) for o in scene.objects if o.name == "tray"]
+        recs.append({"image": image, "height": h, "width": w, "cat": ["the mugs", "the tray", "the purple elephant"],
+                     "masks": [mugs, tray, []]})
+    path = root / name
+    path.write_text(json.dumps(recs), encoding="utf-8")
+    return path

@@ -1,0 +1,125 @@
+"""The matcher and every loss against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.losses import (bce_cost, dice_cost, dice_score, mask_losses, match_slots, point_mask_losses,
+                             point_sample, text_loss, uncertain_points)
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def test_dice_cost_by_hand():
+    probs = torch.tensor([[1.0, 0.5, 0.0, 0.0]])
+    gt = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    # slot vs instance 0: I = 1.5, sums 1.5 + 2; vs instance 1: I = 0
+    expected = [[1 - (3.0 + 1e-3) / (3.5 + 1e-3), 1 - 1e-3 / (3.5 + 1e-3)]]
+    torch.testing.assert_close(dice_cost(probs, gt), torch.tensor(expected), rtol=0, atol=1e-7)
+
+
+def test_bce_cost_is_the_mean_pixel_bce_by_hand():
+    logits = torch.tensor([[2.0, -1.0]])
+    gt = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    # BCE(l, 1) = softplus(-l), BCE(l, 0) = softplus(l)
+    expected = [[(softplus(-2.0) + softplus(-1.0)) / 2, (softplus(-2.0) + softplus(1.0)) / 2]]
+    torch.testing.assert_close(bce_cost(logits, gt), torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_matching_takes_the_cheapest_pairs_and_the_score_term_counts():
+    gt = torch.zeros(2, 4, 4)
+    gt[0, :2] = 1  # top half
+    gt[1, 2:] = 1  # bottom half
+    logits = torch.full((3, 4, 4), -8.0)
+    logits[0, 2:] = 8.0  # slot 0 draws the bottom half
+    logits[2, :2] = 8.0  # slot 2 draws the top half
+    rows, cols = match_slots(logits, torch.zeros(3), gt)
+    assert dict(zip(rows.tolist(), cols.tolist())) == {0: 1, 2: 0}
+    # identical masks: the slot score decides (softplus(-logit) is smaller for a confident slot)
+    same = torch.full((2, 4, 4), -8.0)
+    same[:, :2] = 8.0
+    rows, cols = match_slots(same, torch.tensor([-3.0, 3.0]), gt[:1])
+    assert rows.tolist() == [1] and cols.tolist() == [0]
+    rows, _ = match_slots(logits, torch.zeros(3), torch.zeros(0, 4, 4))
+    assert rows.size == 0  # no instance: nothing matched
+
+
+def test_point_sample_reads_bilinear_values_at_pixel_centres():
+    maps = torch.arange(16.0).reshape(1, 1, 4, 4)
+    # (x, y) of the centres of pixels (row 1, col 2) and (row 3, col 0); the midpoint of (0,0)-(0,1)
+    points = torch.tensor([[[2.5 / 4, 1.5 / 4], [0.5 / 4, 3.5 / 4], [1.0 / 4, 0.5 / 4]]])
+    torch.testing.assert_close(point_sample(maps, points), torch.tensor([[6.0, 12.0, 0.5]]))
+
+
+def test_uncertain_points_prefer_logits_near_zero():
+    torch.manual_seed(0)
+    logits = torch.full((1, 1, 16, 16), 10.0)
+    logits[..., :, 8:] = 0.0  # the right half is uncertain
+    points = uncertain_points(logits, num_points=100, oversample_ratio=3.0, importance_sample_ratio=0.75)
+    assert points.shape == (1, 100, 2)
+    assert bool((points[0, :75, 0] >= 0.5 - 1 / 32).all())  # the importance-sampled three quarters
+    assert 0 <= float(points.min()) and float(points.max()) <= 1
+
+
+def test_point_losses_by_hand_on_a_constant_mask():
+    c, n = 1.5, 200
+    logits = torch.full((1, 8, 8), c)
+    gt = torch.ones(1, 8, 8)
+    points = 1 / 16 + torch.rand(1, n, 2) * (1 - 2 / 16)  # inside the outer pixel centres: no border padding
+    bce, dice = point_mask_losses(logits, gt, points)
+    p = 1 / (1 + math.exp(-c))
+    assert float(bce) == pytest.approx(softplus(-c), abs=1e-6)
+    assert float(dice) == pytest.approx(1 - (2 * n * p + 1) / (n * p + n + 1), abs=1e-6)
+
+
+def test_dice_score_by_hand():
+    probs = torch.tensor([[[0.5, 1.0], [0.0, 0.0]]])
+    gt = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    assert float(dice_score(probs, gt)) == pytest.approx((2 * 1.5 + 1e-6) / (1.5 + 2 + 1e-6))
+
+
+def test_mask_losses_score_targets_and_averages():
+    torch.manual_seed(0)
+    gt_a = torch.zeros(1, 8, 8)
+    gt_a[0, :4] = 1
+    logits = torch.full((2, 3, 8, 8), -6.0)
+    logits[0, 1, :4] = 6.0  # phrase 0, slot 1 matches its instance almost exactly
+    slot_logits = torch.zeros(2, 3, requires_grad=True)
+    out = mask_losses(logits, slot_logits, [gt_a, torch.zeros(0, 8, 8)], (2.0, 0.5, 1.0), 64, 3.0, 0.75)
+    probs = torch.sigmoid(logits[0, 1])
+    quality = (2 * (probs * gt_a[0]).sum() + 1e-6) / (probs.sum() + gt_a.sum() + 1e-6)
+    target0 = torch.tensor([0.0, float(quality), 0.0])
+    expected_score = (F.binary_cross_entropy_with_logits(torch.zeros(3), target0)
+                      + F.binary_cross_entropy_with_logits(torch.zeros(3), torch.zeros(3))) / 2  # phrase 1: no target
+    assert float(out.score.detach()) == pytest.approx(float(expected_score), abs=1e-6)
+    assert out.matched_ious == [1.0]
+    out.score.backward()
+    assert slot_logits.grad is not None
+    with pytest.raises(ValueError, match="2 query blocks but 1 phrase targets"):
+        mask_losses(logits, slot_logits, [gt_a], (2.0, 0.5, 1.0), 64, 3.0, 0.75)
+
+
+def test_score_target_is_at_least_a_tenth_for_a_matched_slot():
+    gt = torch.zeros(1, 4, 4)
+    gt[0, 0, 0] = 1
+    logits = torch.full((1, 1, 4, 4), -20.0)  # a bad mask, still the only slot
+    out = mask_losses(logits, torch.zeros(1, 1), [gt], (2.0, 0.5, 1.0), 16, 3.0, 0.75)
+    expected = F.binary_cross_entropy_with_logits(torch.zeros(1), torch.tensor([0.1]))
+    assert float(out.score) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_text_loss_predicts_the_next_labelled_token_only():
+    logits = torch.zeros(1, 4, 3)
+    logits[0, 1, 2] = math.log(4.0)  # position 1 predicts token 2 with p = 4/6
+    labels = torch.tensor([[-100, -100, 2, -100]])
+    assert float(text_loss(logits, labels)) == pytest.approx(-math.log(4 / 6), abs=1e-6)
+    assert float(text_loss(logits, torch.full((1, 4), -100))) == 0.0
+    np.testing.assert_allclose(float(text_loss(logits, torch.tensor([[-100, 0, 2, 1]]))),
+                               (math.log(3) - math.log(4 / 6) + math.log(3)) / 3, rtol=1e-6)

@@ -1,0 +1,136 @@
+"""Training checkpoints: everything a run needs to go on exactly where it stopped, with
+nothing pickled.
+
+    RUN/checkpoints/step-000120/
+        trainable.safetensors   the trained parameters (LoRA, embeddings, merger, SAM3 head, ...)
+        optimizer.safetensors   AdamW's per-parameter tensors (step, exp_avg, exp_avg_sq)
+        rng.safetensors         torch's CPU (and CUDA) generator states
+        state.json              step, sampler position, skip counts, optimizer groups,
+                                Python's and numpy's generator states
+
+The frozen weights are not stored: they are rebuilt from the run's `model.init`. A folder
+appears under its final name only once complete (`fileio.atomic_directory`), so a run
+killed at any moment, also during a write, resumes from the last complete checkpoint;
+half-written folders (hidden names) are removed on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from instructsam_core.fileio import atomic_directory
+
+STEP_PREFIX = "step-"
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint restores besides tensors."""
+
+    step: int
+    sampler: dict
+    skips: dict[str, int]
+    extra: dict[str, Any]
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+                  and (p / "state.json").is_file())
+
+
+def remove_partial(run_dir: Path) -> list[Path]:
+    """Delete the hidden temporary folders a killed write left behind; returns them."""
+    root = Path(run_dir) / "checkpoints"
+    leftovers = [p for p in root.iterdir() if p.name.startswith(".")] if root.is_dir() else []
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return leftovers
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = state
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    plain = {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    name, keys, pos, has_gauss, gauss = plain["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = plain["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{key}": value.detach().cpu().contiguous()
+               for index, slots in state["state"].items() for key, value in slots.items()
+               if isinstance(value, torch.Tensor)}
+    return tensors, state["param_groups"]
+
+
+def save_training_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor],
+                             optimizer: torch.optim.Optimizer, state: TrainingState, keep: int) -> Path:
+    """Write `RUN/checkpoints/step-NNNNNN` atomically, then keep only the newest `keep`."""
+    target = Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{step:06d}"
+    opt_tensors, param_groups = _optimizer_tensors(optimizer)
+    rng_tensors, rng_plain = _rng_state()
+    with atomic_directory(target) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({
+            "step": step, "sampler": state.sampler, "skips": state.skips, "extra": state.extra,
+            "optimizer_param_groups": param_groups, "rng": rng_plain}, indent=1), encoding="utf-8")
+    for old in checkpoint_dirs(run_dir)[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainingState:
+    """Restore trained parameters, optimizer and generator states from `path`; returns the rest.
+
+    Strict: every trainable parameter must be in the file and nothing else.
+    """
+    path = Path(path)
+    params = dict(model.named_parameters())
+    trainable = load_file(str(path / "trainable.safetensors"))
+    wanted = {n for n, p in params.items() if p.requires_grad}
+    missing, unexpected = sorted(wanted - set(trainable)), sorted(set(trainable) - wanted)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model being trained: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]} (was it made with another config?)")
+    with torch.no_grad():
+        for name, tensor in trainable.items():
+            params[name].copy_(tensor)
+    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    opt_tensors = load_file(str(path / "optimizer.safetensors"))
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in opt_tensors.items():
+        index, _, slot = key.partition(".")
+        slots.setdefault(int(index), {})[slot] = tensor
+    optimizer.load_state_dict({"state": slots, "param_groups": meta["optimizer_param_groups"]})
+    _set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
+    return TrainingState(step=int(meta["step"]), sampler=meta["sampler"], skips=meta["skips"], extra=meta["extra"])

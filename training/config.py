@@ -1,0 +1,279 @@
+"""Training configuration: one dataclass per component, composed into `TrainConfig`.
+
+    cfg = load_config("training/configs/stage1.yaml", ["optim.llm_lr=1e-5", "loop.batch_size=2"])
+
+YAML files and `key=value` overrides are parsed with `yaml.safe_load` (nothing is exec'd
+or eval'd) and checked against the dataclasses' field types: an unknown key or a value of
+the wrong type is a `ConfigError` naming it. Defaults are the released InstructSAM-2B's
+stage-1 recipe (paper Table 11, the official stage scripts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot be used; the message names the key."""
+
+
+@dataclass
+class DatasetSpec:
+    """One training or validation dataset of a data mix.
+
+    Attributes:
+        kind: "roborefit" (the benchmark's formats: official layout, QA, plain, frames)
+            or "grefcoco" (the official gRefCOCO JSON: per image, expressions with 0..N
+            instances each).
+        path: the question file, or for "roborefit" the data root holding final_dataset/.
+        data_root: root of the relative paths in `path` (default: the file's folder).
+        split: RoboRefIt split read from the official layout when `path` is a data root.
+        repeat: how many times the dataset appears in one epoch (the release's factor).
+    """
+
+    kind: str
+    path: str
+    data_root: str = ""
+    split: str = "train"
+    repeat: int = 1
+
+
+@dataclass
+class DataConfig:
+    """What the model sees."""
+
+    train: list[DatasetSpec] = field(default_factory=list)
+    val: list[DatasetSpec] = field(default_factory=list)
+    # Ground-truth masks are resized (nearest) to SAM3's mask resolution: 288 at 1008 px.
+    mask_size: int = 288
+    shuffle: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """Where the weights start and what is trained.
+
+    `init`: "base" (Qwen3-VL `qwen` + SAM3 `sam3` directories: stage 1), "checkpoint"
+    (an InstructSAM checkpoint directory `checkpoint`, e.g. stage 1 merged: stage 2), or
+    "preset" (random weights of `preset`, seeded by `seed`: tests).
+    """
+
+    init: str = "base"
+    qwen: str = ""
+    sam3: str = ""
+    checkpoint: str = ""
+    preset: str = "tiny"
+    seed: int = 0
+    # LoRA on the LLM's attention projections (the release: r 64, alpha 16, dropout 0.05).
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    gradient_checkpointing: bool = True
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and the matcher's cost weights, defaults as the release trains.
+
+    The official code multiplies its mask BCE and Dice by 2.0 and 0.5 twice (once in the
+    loss modules, once in the model), so their effective weights are 4.0 and 0.25.
+    """
+
+    text: float = 1.0
+    mask_bce: float = 4.0
+    mask_dice: float = 0.25
+    score: float = 1.0
+    match_bce: float = 2.0
+    match_dice: float = 0.5
+    match_score: float = 1.0
+    num_points: int = 12544  # points sampled per matched mask (Mask2Former style)
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    # The release also trains the LLM to predict the [SEG] tokens; we leave them out of the
+    # text loss (their embeddings are the query bank, never predicted at inference).
+    text_on_queries: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW per parameter group, warm-up then decay (stage 1 of Table 11)."""
+
+    llm_lr: float = 5e-6  # LoRA, embed_tokens, lm_head
+    projector_lr: float = 5e-6  # the Qwen3-VL vision merger
+    mask_decoder_lr: float = 1e-5  # SAM3 without its vision encoder, both MLPs, the query bank
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+
+
+@dataclass
+class LoopConfig:
+    """The loop: sizes, evaluation, checkpoints, logging, devices."""
+
+    out_dir: str = "runs/stage1"
+    epochs: float = 1.0
+    max_steps: int = 0  # optimizer steps; 0 = `epochs` over the training mix
+    batch_size: int = 4  # samples per micro-batch
+    grad_accum: int = 32  # micro-batches per optimizer step (4 x 32 = the paper's 128)
+    eval_every: int = 0  # steps; 0 = only at the end (when there is validation data)
+    eval_batches: int = 16
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 42
+    device: str = "auto"
+    amp: str = "auto"  # auto (bf16 autocast on CUDA, none on CPU) | bf16 | none
+    stop_after: int = 0  # stop (with a checkpoint) after this step, schedule unchanged; 0 = never
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """The whole training configuration (`stage` names the run in logs)."""
+
+    stage: str = "stage1"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- parsing --------------------------------------------------------------------------
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` (from YAML) as the type `hint`, or ConfigError naming `where`."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not a {hint}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {hint.__name__}, got {value!r}")
+        return _build(hint, value, where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {hint}")
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(hints)}")
+    values = {name: _coerce(value, hints[name], f"{where}.{name}" if where else name) for name, value in data.items()}
+    try:
+        return cls(**values)
+    except TypeError as err:  # a required field missing
+        raise ConfigError(f"{where or cls.__name__}: {err}") from err
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.0.c` in nested dicts/lists (created as needed for dicts)."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, [] if parts[i + 1].isdigit() else {})
+    last = parts[-1]
+    if isinstance(node, list):
+        index = int(last)
+        if index == len(node):
+            node.append(value)
+        else:
+            node[index] = value
+    else:
+        node[last] = value
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    """A `TrainConfig` from plain data (as read from YAML)."""
+    return _build(TrainConfig, data or {}, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """A YAML file (or the defaults) with `key=value` overrides applied, typed and checked."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    merged = config_from_dict(data).to_dict()  # defaults filled in, so overrides reach them
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.llm_lr=1e-5)")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+        try:
+            _set_path(merged, key, value)
+        except (IndexError, ValueError, AttributeError, TypeError) as err:
+            raise ConfigError(f"override {item!r}: no such key") from err
+    return config_from_dict(merged)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved configuration (what the run really used) as YAML."""
+    from instructsam_core.fileio import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
