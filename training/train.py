@@ -140,6 +140,16 @@ def evaluate(model, sampler: MixSampler, cfg: TrainConfig, tokenizer, device, am
     return out
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute the LLM layers' activations in the backward pass (transformers' own
+    switch, renamed in 5.22; the older name is used where the newer is missing)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model.vlm, "activation_checkpointing_enable"):
+        model.vlm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -218,7 +228,7 @@ def train(cfg: TrainConfig) -> dict:
     apply_lora(model, cfg.model)
     groups = set_trainable(model)
     if cfg.model.gradient_checkpointing:
-        model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.to(device).train()
     counts = group_counts(model)
     log.info("trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in counts.items()))

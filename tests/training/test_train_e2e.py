@@ -142,6 +142,13 @@ def test_a_run_killed_during_a_checkpoint_write_resumes_from_the_last_complete_o
         assert resumed[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], **LOSS_TOL), step
 
 
+def test_activation_checkpointing_gives_the_same_losses(data, tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    train(_short(data[0], run, "loop.max_steps=2", "model.gradient_checkpointing=true"))
+    ckpt = _metrics(run)  # the schedule is shorter, but step 1 uses the same weights and lr
+    assert ckpt[1]["loss"] == pytest.approx(uninterrupted[1]["loss"], rel=1e-5)
+
+
 def test_a_resume_with_another_recipe_is_refused(data, tmp_path):
     run = tmp_path / "run"
     train(_short(data[0], run, "loop.stop_after=2"))
