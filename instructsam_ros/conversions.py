@@ -46,10 +46,10 @@ class ImageError(ValueError):
         self.kind = kind
 
 
-def _raw_array(msg, table: dict[str, tuple[int, type]], kind: str) -> np.ndarray:
-    """Validate a sensor_msgs/Image and view its data as `(H, W, C)` in native order.
+def _checked_layout(msg, table: dict[str, tuple[int, type]], kind: str) -> tuple[int, type, int]:
+    """Check a sensor_msgs/Image's header against its data length, without decoding.
 
-    Handles row padding (step > width * bytes per pixel) and big-endian data.
+    Returns `(channels, dtype, bytes per row)`; raises ImageError naming the problem.
     """
     enc = msg.encoding
     if enc not in table:
@@ -61,19 +61,46 @@ def _raw_array(msg, table: dict[str, tuple[int, type]], kind: str) -> np.ndarray
         raise ImageError(f"zero-size {kind} image ({w}x{h})", "size")
     if h * w > MAX_PIXELS:
         raise ImageError(f"{kind} image too large ({w}x{h} > {MAX_PIXELS} pixels)", "size")
-    itemsize = np.dtype(dtype).itemsize
-    row = w * channels * itemsize
+    row = w * channels * np.dtype(dtype).itemsize
     if step < row:
         raise ImageError(
             f"{kind} image step {step} is smaller than width*bytes per pixel = {row} "
             f"({w} px, {enc})", "step")
+    if len(msg.data) < step * h:
+        raise ImageError(
+            f"truncated {kind} image: {len(msg.data)} bytes, expected step*height = "
+            f"{step}*{h} = {step * h}", "truncated")
+    return channels, dtype, row
+
+
+def check_image(msg) -> None:
+    """The cheap checks of a colour sensor_msgs/Image (encoding, size, step, data length),
+    done before a frame may take the newest good frame's place; decoding comes later."""
+    _checked_layout(msg, COLOR_ENCODINGS, "colour")
+
+
+def check_compressed(msg) -> None:
+    """The cheap checks of a sensor_msgs/CompressedImage: data present, and a JPEG or PNG
+    signature at its start (the format string varies between drivers)."""
+    head = bytes(msg.data[:8])
+    if not head:
+        raise ImageError(f"empty compressed image (format '{msg.format}')", "size")
+    if not (head.startswith(b"\xff\xd8\xff") or head.startswith(b"\x89PNG\r\n\x1a\n")):
+        raise ImageError(f"compressed image is neither JPEG nor PNG (format '{msg.format}', "
+                         f"starts with {head.hex()})", "format")
+
+
+def _raw_array(msg, table: dict[str, tuple[int, type]], kind: str) -> np.ndarray:
+    """Validate a sensor_msgs/Image and view its data as `(H, W, C)` in native order.
+
+    Handles row padding (step > width * bytes per pixel) and big-endian data.
+    """
+    channels, dtype, row = _checked_layout(msg, table, kind)
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
     data = msg.data
     buf = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
-    if len(buf) < step * h:
-        raise ImageError(
-            f"truncated {kind} image: {len(buf)} bytes, expected step*height = "
-            f"{step}*{h} = {step * h}", "truncated")
     rows = np.frombuffer(buf, dtype=np.uint8, count=step * h).reshape(h, step)[:, :row]
+    itemsize = np.dtype(dtype).itemsize
     big = bool(msg.is_bigendian)
     dt = np.dtype(dtype).newbyteorder(">" if big else "<") if itemsize > 1 else np.dtype(dtype)
     arr = np.ascontiguousarray(rows).view(dt).reshape(h, w, channels)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from instructsam_core.postprocess import label_image
-from instructsam_ros.conversions import crop_mask, numpy_to_image
-from instructsam_ros.geometry import Intrinsics, mask_position
+from instructsam_ros.conversions import ImageError, crop_mask, depth_to_metres, numpy_to_image
+from instructsam_ros.geometry import Intrinsics, check_camera_info_size, mask_position
 
 
 @dataclass
@@ -18,6 +18,19 @@ class DepthInput:
     metres: np.ndarray
     intrinsics: Intrinsics
     frame_id: str
+
+
+def depth_input(depth_msg, camera_info, image_size: tuple[int, int]) -> DepthInput:
+    """A depth image and its camera_info as metres + intrinsics, checked against the colour
+    image's `(H, W)`. Raises ImageError or ValueError saying what does not fit."""
+    metres = depth_to_metres(depth_msg)
+    if metres.shape != tuple(image_size):
+        raise ImageError(f"depth is {metres.shape[1]}x{metres.shape[0]} but the image is "
+                         f"{image_size[1]}x{image_size[0]}: depth must be aligned to the colour image",
+                         "size")
+    k = Intrinsics.from_camera_info(camera_info)
+    check_camera_info_size(camera_info, *metres.shape)
+    return DepthInput(metres, k, depth_msg.header.frame_id)
 
 
 @dataclass

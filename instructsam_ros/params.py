@@ -88,6 +88,9 @@ def specs() -> dict[str, Spec]:
                                 "scores, phrases and the instruction) for RViz."),
         "publish_label_image": Spec(True, "Publish ~/label_image (mono16) and fill "
                                     "InstanceSegmentation.label_image."),
+        "publish_markers": Spec(True, "Publish ~/markers (visualization_msgs/MarkerArray: a box "
+                                "at each instance's 3D centroid, sized by its extent, and a "
+                                "label) when use_depth is on."),
         "max_rate": Spec(0.0, "Process at most this many frames per second (extra frames are "
                          "skipped and not counted as dropped); 0 = as fast as the model runs.",
                          range=(0.0, 1000.0)),
@@ -102,27 +105,32 @@ def specs() -> dict[str, Spec]:
 
 @dataclass(frozen=True)
 class Settings:
-    """The node's parameter values, typed."""
+    """The node's parameter values, typed (their defaults are in `specs()`, nowhere else)."""
 
-    checkpoint: str = ""
-    device: str = "auto"
-    dtype: str = "auto"
-    backend: str = "eager"
-    score_threshold: float = 0.5
-    max_instances: int = 0
-    max_new_tokens: int = 1024
-    mask_nms_iou: float = 1.0
-    image_reliability: str = "best_effort"
-    image_qos_depth: int = 1
-    compressed_input: bool = False
-    use_depth: bool = False
-    depth_sync_tolerance: float = 0.02
-    depth_wait_s: float = 0.1
-    publish_overlay: bool = True
-    publish_label_image: bool = True
-    max_rate: float = 0.0
-    max_instruction_chars: int = 2000
-    autostart: bool = True
+    checkpoint: str
+    device: str
+    dtype: str
+    backend: str
+    score_threshold: float
+    max_instances: int
+    max_new_tokens: int
+    mask_nms_iou: float
+    image_reliability: str
+    image_qos_depth: int
+    compressed_input: bool
+    use_depth: bool
+    depth_sync_tolerance: float
+    depth_wait_s: float
+    publish_overlay: bool
+    publish_label_image: bool
+    publish_markers: bool
+    max_rate: float
+    max_instruction_chars: int
+    autostart: bool
+
+    @classmethod
+    def defaults(cls) -> "Settings":
+        return cls(**{name: spec.default for name, spec in specs().items()})
 
     def with_values(self, values: dict[str, Any]) -> "Settings":
         """A copy with some values replaced (unknown names are ignored)."""

@@ -20,11 +20,11 @@ from __future__ import annotations
 import gc
 import math
 import re
+import signal
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,17 +33,21 @@ import rclpy.qos
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
+from visualization_msgs.msg import MarkerArray
 
 from instructsam_ros import params
-from instructsam_ros.conversions import (ImageError, compressed_to_rgb, depth_to_metres,
+from instructsam_ros.conversions import (ImageError, check_compressed, check_image, compressed_to_rgb,
                                          image_to_rgb, numpy_to_image)
-from instructsam_ros.geometry import Intrinsics, check_camera_info_size
+from instructsam_ros.diagnostics import InputRate, Stats, status_of, status_values
+from instructsam_ros.frames import Frame, FrameWorker, LatestFrame, RateLimit
 from instructsam_ros.instruction import InstructionError, InstructionState, InstructionTooLong, clean_instruction
-from instructsam_ros.messages import DepthInput, Timing, result_to_msg
+from instructsam_ros.markers import instance_markers
+from instructsam_ros.messages import DepthInput, Timing, depth_input, result_to_msg
 from instructsam_ros.overlay import overlay_bgr
 from instructsam_ros.qos import image_qos, instruction_qos, output_qos
 from instructsam_ros.sync import StampBuffer, stamp_ns
@@ -51,64 +55,6 @@ from instructsam_ros.sync import StampBuffer, stamp_ns
 NODE_NAME = "instructsam"
 WARN_REPEAT_S = 5.0  # warnings of one category are logged at most this often
 DEPTH_KEEP_S = 2.0  # depth/camera_info kept this long (by stamp) for matching
-
-
-@dataclass
-class Frame:
-    """A colour frame waiting for the model."""
-
-    msg: Any  # sensor_msgs/Image or CompressedImage
-    compressed: bool
-    received: float  # time.monotonic() at arrival
-
-
-class LatestFrame:
-    """A one-frame slot: a new frame replaces an unprocessed one (which counts as dropped).
-
-    So a slow model never builds a queue: it always works on the newest frame.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._frame: Frame | None = None
-        self._closed = False
-        self.dropped = 0
-
-    def put(self, frame: Frame) -> None:
-        with self._cond:
-            if self._frame is not None:
-                self.dropped += 1
-            self._frame = frame
-            self._cond.notify()
-
-    def take(self, timeout: float) -> Frame | None:
-        """The newest frame, or None after `timeout` seconds or when closed."""
-        with self._cond:
-            if self._frame is None and not self._closed:
-                self._cond.wait(timeout)
-            frame, self._frame = self._frame, None
-            return None if self._closed else frame
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._frame = None
-            self._cond.notify_all()
-
-
-@dataclass
-class Stats:
-    """Counters for diagnostics (written by callbacks and the worker; ints are atomic enough)."""
-
-    received: int = 0
-    processed: int = 0
-    invalid: int = 0  # frames skipped for bad input
-    rate_limited: int = 0  # frames skipped by max_rate
-    failed: int = 0  # frames the engine raised on
-    depth_unmatched: int = 0
-    last_latency: float = 0.0
-    last_age: float = 0.0
-    last_instances: int = 0
 
 
 class PerceptionNode(LifecycleNode):
@@ -124,19 +70,19 @@ class PerceptionNode(LifecycleNode):
         self._overlay_banner = ""  # shown on the overlay, e.g. that the model is untrained
         self._engine_lock = threading.Lock()  # the engine is not re-entrant
         self._slot = LatestFrame()
-        self._worker: threading.Thread | None = None
+        self._worker: FrameWorker | None = None
         self._stats = Stats()
+        self._rate = InputRate()
+        self._rate_limit = RateLimit()
         self._active = False
         self._depth_enabled = False
-        self._last_accept = 0.0
         self._warned: dict[str, float] = {}  # category -> last time logged
         self._depth_buf = StampBuffer(DEPTH_KEEP_S)
         self._info_buf = StampBuffer(DEPTH_KEEP_S)
         self._image_subs: list = []
         self._entities: list[tuple[str, Any]] = []  # (kind, entity) made at configure
-        self._pub_instances = self._pub_label = self._pub_overlay = None
+        self._pub_instances = self._pub_label = self._pub_overlay = self._pub_markers = None
         self._pub_diag = None
-        self._diag_prev = (time.monotonic(), 0)
 
     # ------------------------------------------------------------------ parameters
 
@@ -169,25 +115,28 @@ class PerceptionNode(LifecycleNode):
             self.get_logger().error(self.start_error)
             return TransitionCallbackReturn.FAILURE
         out = output_qos()
-        self._pub_instances = self.create_lifecycle_publisher(
-            _msg_types()[0], "~/instances", out)
+        self._pub_instances = self.create_lifecycle_publisher(_msg_types()[0], "~/instances", out)
         self._pub_label = self.create_lifecycle_publisher(Image, "~/label_image", out)
         self._pub_overlay = self.create_lifecycle_publisher(Image, "~/overlay", out)
+        self._pub_markers = self.create_lifecycle_publisher(MarkerArray, "~/markers", out)
         self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         # Two subscriptions on /instruction: the transient-local one receives the last
         # instruction of latched publishers that were there before us; the volatile one
         # matches plain publishers such as `ros2 topic pub` (a transient-local reader
-        # does not match a volatile writer). Identical text is deduplicated.
+        # does not match a volatile writer). Identical text is deduplicated. That
+        # mismatch is expected, so it is logged once at debug level, not as a warning.
         latched = instruction_qos()
         volatile = instruction_qos()
         volatile.durability = rclpy.qos.DurabilityPolicy.VOLATILE
+        events = SubscriptionEventCallbacks(incompatible_qos=self._on_volatile_instruction_publisher)
         self._entities = [
             ("lifecycle_publisher", self._pub_instances),
             ("lifecycle_publisher", self._pub_label),
             ("lifecycle_publisher", self._pub_overlay),
+            ("lifecycle_publisher", self._pub_markers),
             ("publisher", self._pub_diag),
             ("subscription", self.create_subscription(
-                String, "/instruction", self._on_instruction, latched)),
+                String, "/instruction", self._on_instruction, latched, event_callbacks=events)),
             ("subscription", self.create_subscription(
                 String, "/instruction", self._on_instruction, volatile)),
             # Its own group: with the multi-threaded executor a long inference does not
@@ -209,24 +158,22 @@ class PerceptionNode(LifecycleNode):
             self.get_logger().error(self.start_error)
             self._segmenter = None
             return TransitionCallbackReturn.FAILURE
+        self._stats, self._rate = Stats(), InputRate()  # the counters restart with activation
         self._slot = LatestFrame()
-        self._stats = Stats()
-        self._diag_prev = (time.monotonic(), 0)  # the counters restart with the stats
         qos = image_qos(s.image_reliability, s.image_qos_depth)
         if s.compressed_input:
             self._image_subs.append(self.create_subscription(
-                CompressedImage, "image/compressed", self._on_compressed, qos))
+                CompressedImage, "image/compressed", lambda m: self._on_frame(m, True), qos))
         else:
-            self._image_subs.append(self.create_subscription(Image, "image", self._on_image, qos))
+            self._image_subs.append(self.create_subscription(
+                Image, "image", lambda m: self._on_frame(m, False), qos))
         self._depth_enabled = s.use_depth  # fixed while active, whatever the parameter does
         if s.use_depth:
-            self._image_subs.append(self.create_subscription(
-                Image, "depth", self._depth_buf.add, qos))
+            self._image_subs.append(self.create_subscription(Image, "depth", self._depth_buf.add, qos))
             self._image_subs.append(self.create_subscription(
                 CameraInfo, "camera_info", self._info_buf.add, qos))
         self._active = True
-        self._worker = threading.Thread(target=self._run_worker, name="instructsam-inference",
-                                        daemon=True)
+        self._worker = FrameWorker(self._slot, self._process, self._on_frame_error)
         self._worker.start()
         self.get_logger().info(
             f"active: model '{s.checkpoint}' on {self._segmenter.device} ({self._segmenter.dtype}), "
@@ -244,13 +191,11 @@ class PerceptionNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_processing()
-        self._destroy_entities()
+        self.close()
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_processing()
-        self._destroy_entities()
+        self.close()
         return TransitionCallbackReturn.SUCCESS
 
     def close(self) -> None:
@@ -289,11 +234,10 @@ class PerceptionNode(LifecycleNode):
         for sub in self._image_subs:
             self.destroy_subscription(sub)
         self._image_subs = []
-        self._slot.close()
         self._depth_buf.clear()  # also wakes a worker waiting for depth
         self._info_buf.clear()
         if self._worker is not None:
-            self._worker.join(timeout=30.0)
+            self._worker.stop()
             self._worker = None
         with self._engine_lock:
             seg, self._segmenter = self._segmenter, None
@@ -305,7 +249,7 @@ class PerceptionNode(LifecycleNode):
         for kind, entity in self._entities:
             getattr(self, f"destroy_{kind}")(entity)
         self._entities = []
-        self._pub_instances = self._pub_label = self._pub_overlay = self._pub_diag = None
+        self._pub_instances = self._pub_label = self._pub_overlay = self._pub_markers = self._pub_diag = None
 
     # ------------------------------------------------------------------ callbacks
 
@@ -319,6 +263,13 @@ class PerceptionNode(LifecycleNode):
         if now - self._warned.get(category, -1e9) >= WARN_REPEAT_S:
             self._warned[category] = now
             self.get_logger().warning(text)
+
+    def _on_volatile_instruction_publisher(self, event) -> None:
+        if "volatile_instruction" not in self._warned:
+            self._warned["volatile_instruction"] = time.monotonic()
+            self.get_logger().debug(
+                "a volatile /instruction publisher (e.g. `ros2 topic pub`) does not match the "
+                "transient-local subscription; its messages arrive through the volatile one")
 
     def _on_instruction(self, msg: String) -> None:
         try:
@@ -341,47 +292,58 @@ class PerceptionNode(LifecycleNode):
             else:
                 self.get_logger().info("instruction cleared")
 
-    def _accept_frame(self) -> bool:
-        """Count a frame and apply max_rate."""
+    def _on_frame(self, msg, compressed: bool) -> None:
+        """A colour frame arrived: count it, apply max_rate, do the cheap checks, and only
+        then let it take the slot (a malformed frame never replaces a good one)."""
+        if not self._active:
+            return
         self._stats.received += 1
-        now = time.monotonic()
-        rate = self.settings.max_rate
-        if rate > 0.0 and now - self._last_accept < 1.0 / rate:
+        if not self._rate_limit.allow(self.settings.max_rate):
             self._stats.rate_limited += 1
-            return False
-        self._last_accept = now
-        return True
+            return
+        try:
+            check_compressed(msg) if compressed else check_image(msg)
+        except ImageError as exc:
+            self._stats.invalid += 1
+            self._warn(_category("bad_image", exc), f"image skipped: {exc}")
+            return
+        self._slot.put(Frame(msg, compressed, time.monotonic()))
 
-    def _on_image(self, msg: Image) -> None:
-        if self._active and self._accept_frame():
-            self._slot.put(Frame(msg, False, time.monotonic()))
-
-    def _on_compressed(self, msg: CompressedImage) -> None:
-        if self._active and self._accept_frame():
-            self._slot.put(Frame(msg, True, time.monotonic()))
-
-    # ------------------------------------------------------------------ inference
-
-    def _run_worker(self) -> None:
-        """Inference thread: newest frame -> engine -> publish, until deactivated."""
-        while self._active:
-            frame = self._slot.take(timeout=0.5)
-            if frame is None:
-                continue
-            try:
-                self._process(frame)
-            except Exception:  # noqa: BLE001 - one bad frame must not stop the node
-                if not self._running():
-                    return  # shutting down (Ctrl-C) mid-frame: nothing to report
-                self._stats.failed += 1
-                self.get_logger().error(
-                    "frame failed, skipped:\n" + traceback.format_exc(limit=6))
+    def _on_frame_error(self, frame: Frame, exc: BaseException) -> None:
+        if not self._running():
+            return  # shutting down (Ctrl-C) mid-frame: nothing to report
+        self._stats.failed += 1
+        self.get_logger().error("frame failed, skipped:\n" + "".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__, limit=6)))
 
     def _running(self) -> bool:
         """Active, and the ROS context not shut down (SIGINT shuts it down at once)."""
         return self._active and self.context.ok()
 
+    # ------------------------------------------------------------------ inference
+
+    def _answer(self, rgb: np.ndarray, header, text: str, instruction_id: int, threshold: float,
+                depth: DepthInput | None, started: float, dropped: int = 0):
+        """The one inference path of the stream and the service: the engine on one image
+        and instruction, then the InstanceSegmentation. Returns `(message, result)`, or
+        None when the node stopped meanwhile; the engine's ValueError passes through."""
+        s = self.settings
+        with self._engine_lock:
+            seg = self._segmenter
+            if seg is None or not self._active:
+                return None
+            # key=None: every image is encoded once anyway, and a stamp is no identity
+            # (zero or repeated stamps from hand-made publishers).
+            seg.set_image(rgb, key=None)
+            seg.update_config(**params.engine_options(s))
+            result = seg.segment(text, score_threshold=threshold, max_instances=s.max_instances or None)
+        age = (self.get_clock().now().nanoseconds - stamp_ns(header.stamp)) * 1e-9
+        timing = Timing(latency_node=time.monotonic() - started, image_age=age, frames_dropped=dropped)
+        return result_to_msg(result, header, text, instruction_id, with_label_image=s.publish_label_image,
+                             depth=depth, timing=timing), result
+
     def _process(self, frame: Frame) -> None:
+        """The stream: the newest frame with the current instruction, published."""
         instruction = self._instruction.get()
         if not instruction.text:
             return  # nothing asked: nothing to publish
@@ -394,39 +356,28 @@ class PerceptionNode(LifecycleNode):
             return
         depth = self._match_depth(msg.header, rgb.shape[:2])
         s = self.settings
-        with self._engine_lock:
-            seg = self._segmenter
-            if seg is None or not self._active:
-                return
-            # key=None: every streamed frame is encoded once anyway, and a stamp is no
-            # identity (zero or repeated stamps from hand-made publishers).
-            seg.set_image(rgb, key=None)
-            try:
-                seg.update_config(**params.engine_options(s))
-                result = seg.segment(instruction.text, score_threshold=s.score_threshold,
-                                     max_instances=s.max_instances or None)
-            except ValueError as exc:
-                self._stats.invalid += 1
-                self._warn("instruction_refused",
-                           f"instruction '{instruction.text[:80]}' skipped: {exc}")
-                return
-        age = (self.get_clock().now().nanoseconds - stamp_ns(msg.header.stamp)) * 1e-9
-        timing = Timing(latency_node=time.monotonic() - frame.received, image_age=age,
-                        frames_dropped=self._slot.dropped)
-        out = result_to_msg(result, msg.header, instruction.text, instruction.id,
-                            with_label_image=s.publish_label_image, depth=depth, timing=timing)
-        pubs = (self._pub_instances, self._pub_label, self._pub_overlay)
-        if None in pubs or not self._running():
+        try:
+            answer = self._answer(rgb, msg.header, instruction.text, instruction.id, s.score_threshold, depth,
+                                  frame.received, self._slot.dropped)
+        except ValueError as exc:
+            self._stats.invalid += 1
+            self._warn("instruction_refused", f"instruction '{instruction.text[:80]}' skipped: {exc}")
+            return
+        pubs = (self._pub_instances, self._pub_label, self._pub_overlay, self._pub_markers)
+        if answer is None or None in pubs or not self._running():
             return  # deactivated, cleaned up or shutting down meanwhile
+        out, result = answer
         pubs[0].publish(out)
         if s.publish_label_image and pubs[1].get_subscription_count() > 0:
             pubs[1].publish(out.label_image)
         if s.publish_overlay and pubs[2].get_subscription_count() > 0:
             bgr = overlay_bgr(rgb, result, f"[{instruction.id}] {instruction.text}", self._overlay_banner)
             pubs[2].publish(numpy_to_image(bgr, "bgr8", msg.header))
+        if depth is not None and s.publish_markers and pubs[3].get_subscription_count() > 0:
+            pubs[3].publish(instance_markers(out))
         st = self._stats
         st.processed += 1
-        st.last_latency, st.last_age, st.last_instances = timing.latency_node, age, len(result)
+        st.last_latency, st.last_age, st.last_instances = out.latency_node, out.image_age, len(result)
 
     def _match_depth(self, header, size: tuple[int, int]) -> DepthInput | None:
         """The depth frame and camera_info matching `header.stamp`, if depth is enabled."""
@@ -436,8 +387,7 @@ class PerceptionNode(LifecycleNode):
         # Aligned depth is usually published after its colour frame: wait (bounded) for it.
         deadline = time.monotonic() + s.depth_wait_s
         cancelled = lambda: not self._active  # noqa: E731
-        d = self._depth_buf.wait_nearest(header.stamp, s.depth_sync_tolerance,
-                                         s.depth_wait_s, cancelled)
+        d = self._depth_buf.wait_nearest(header.stamp, s.depth_sync_tolerance, s.depth_wait_s, cancelled)
         info = None
         if d is not None:
             info = self._info_buf.wait_nearest(header.stamp, s.depth_sync_tolerance,
@@ -449,25 +399,17 @@ class PerceptionNode(LifecycleNode):
                        f"stamp (waited up to {s.depth_wait_s} s); 3D fields left empty")
             return None
         try:
-            metres = depth_to_metres(d)
-            k = Intrinsics.from_camera_info(info)
-            check_camera_info_size(info, *metres.shape)
+            return depth_input(d, info, size)
         except (ImageError, ValueError) as exc:
-            self._warn(_category("bad_depth", exc),
-                       f"depth skipped, 3D fields left empty: {exc}")
+            self._warn(_category("bad_depth", exc), f"depth skipped, 3D fields left empty: {exc}")
             return None
-        if metres.shape != tuple(size):
-            self._warn("depth_size",
-                       f"depth is {metres.shape[1]}x{metres.shape[0]} but the image is "
-                       f"{size[1]}x{size[0]}: depth must be aligned to the colour image")
-            return None
-        return DepthInput(metres, k, d.header.frame_id)
 
     # ------------------------------------------------------------------ service
 
     def _on_segment(self, request, response):
         """~/segment: one image + instruction -> InstanceSegmentation (see Segment.srv)."""
         self.get_logger().debug(f"segment request {request.instruction_id} received")
+        started = time.monotonic()
         response.success = False
         s = self.settings
         try:
@@ -483,40 +425,17 @@ class PerceptionNode(LifecycleNode):
             rgb = image_to_rgb(request.image)
             depth = None
             if request.depth.width or request.depth.height:
-                metres = depth_to_metres(request.depth)
-                if metres.shape != rgb.shape[:2]:
-                    raise ImageError(f"depth is {metres.shape[1]}x{metres.shape[0]} but the "
-                                     f"image is {rgb.shape[1]}x{rgb.shape[0]}")
-                k = Intrinsics.from_camera_info(request.camera_info)
-                check_camera_info_size(request.camera_info, *metres.shape)
-                depth = DepthInput(metres, k, request.depth.header.frame_id)
+                depth = depth_input(request.depth, request.camera_info, rgb.shape[:2])
+            answer = self._answer(rgb, request.image.header, text, request.instruction_id,
+                                  s.score_threshold if threshold < 0 else threshold, depth, started)
         except (InstructionError, ImageError, ValueError) as exc:
             response.message = str(exc)
             self._warn("segment_rejected", f"segment request rejected: {exc}")
             return response
-        if threshold < 0:
-            threshold = s.score_threshold
-        t0 = time.monotonic()
-        with self._engine_lock:
-            seg = self._segmenter
-            if seg is None or not self._active:
-                response.message = "node is not active (load a model: configure + activate)"
-                return response
-            try:
-                seg.set_image(rgb, key=None)
-                seg.update_config(**params.engine_options(s))
-                result = seg.segment(text, score_threshold=threshold,
-                                     max_instances=s.max_instances or None)
-            except ValueError as exc:
-                response.message = str(exc)
-                self._warn("segment_rejected", f"segment request rejected: {exc}")
-                return response
-        header = request.image.header
-        age = (self.get_clock().now().nanoseconds - stamp_ns(header.stamp)) * 1e-9
-        response.result = result_to_msg(
-            result, header, text, request.instruction_id,
-            with_label_image=s.publish_label_image, depth=depth,
-            timing=Timing(latency_node=time.monotonic() - t0, image_age=age))
+        if answer is None:
+            response.message = "node is not active (load a model: configure + activate)"
+            return response
+        response.result, result = answer
         response.success = True
         response.message = f"{len(result)} instance(s)"
         return response
@@ -526,35 +445,14 @@ class PerceptionNode(LifecycleNode):
     def _publish_diagnostics(self) -> None:
         if self._pub_diag is None:
             return
-        st, s = self._stats, self.settings
-        now = time.monotonic()
-        t_prev, n_prev = self._diag_prev
-        rate = (st.received - n_prev) / max(now - t_prev, 1e-6)
-        self._diag_prev = (now, st.received)
-        ins = self._instruction.get()
-        status = DiagnosticStatus()
-        status.name = f"{self.get_fully_qualified_name()}: instructsam perception"
-        status.hardware_id = s.checkpoint
-        if not self._active:
-            status.level, status.message = DiagnosticStatus.WARN, "inactive (no model loaded)"
-        elif not ins.text:
-            status.level, status.message = DiagnosticStatus.OK, "waiting for an instruction"
-        elif rate <= 0.0:
-            status.level, status.message = DiagnosticStatus.WARN, "no images arriving"
-        elif st.last_age > 1.0:
-            status.level, status.message = DiagnosticStatus.WARN, "results are stale"
-        else:
-            status.level, status.message = DiagnosticStatus.OK, "running"
-        values = {
-            "instruction": ins.text, "instruction_id": ins.id,
-            "input_rate_hz": f"{rate:.2f}", "frames_received": st.received,
-            "frames_processed": st.processed, "frames_dropped": self._slot.dropped,
-            "frames_invalid": st.invalid, "frames_rate_limited": st.rate_limited,
-            "frames_failed": st.failed, "depth_unmatched": st.depth_unmatched,
-            "last_latency_s": f"{st.last_latency:.4f}", "staleness_s": f"{st.last_age:.4f}",
-            "last_instances": st.last_instances,
-        }
-        status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
+        stats, instruction = self._stats, self._instruction.get()
+        rate = self._rate.update(stats.received)
+        level, message = status_of(self._active, instruction.text, rate, stats)
+        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: instructsam perception",
+                                  hardware_id=self.settings.checkpoint, message=message,
+                                  level=DiagnosticStatus.OK if level == "OK" else DiagnosticStatus.WARN)
+        values = status_values(instruction.text, instruction.id, rate, stats, self._slot.dropped)
+        status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
         arr.status = [status]
@@ -602,6 +500,10 @@ def main(args: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        # `ros2 launch` forwards Ctrl-C to a node that may already have it from the
+        # terminal: a second SIGINT must not interrupt the clean-up with a traceback.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if node is not None:
             node.close()
             node.destroy_node()

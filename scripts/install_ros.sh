@@ -24,6 +24,7 @@ fi
 RUNTIME=(
   ros-kilted-rclpy ros-kilted-rmw-fastrtps-cpp ros-kilted-std-msgs ros-kilted-sensor-msgs
   ros-kilted-geometry-msgs ros-kilted-diagnostic-msgs ros-kilted-lifecycle-msgs
+  ros-kilted-visualization-msgs
 )
 # Build: what `rosidl_generate_interfaces` and ament_cmake_python need at configure time.
 BUILD=(
@@ -36,7 +37,7 @@ BUILD=(
 if "$PY" - <<'PYCHECK' 2>/dev/null; then
 import importlib.util, os, sys
 need = ["rclpy", "rclpy.lifecycle", "std_msgs.msg", "sensor_msgs.msg", "geometry_msgs.msg",
-        "diagnostic_msgs.msg", "lifecycle_msgs.msg", "catkin_pkg", "rosidl_generator_py"]
+        "diagnostic_msgs.msg", "lifecycle_msgs.msg", "visualization_msgs.msg", "catkin_pkg", "rosidl_generator_py"]
 for name in need:
     __import__(name)
 share = os.path.join(sys.prefix, "share")

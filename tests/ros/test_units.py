@@ -165,7 +165,7 @@ def test_instruction_id_rises_only_when_the_text_changes():
 def test_parameter_table_matches_settings_and_has_descriptions():
     table = params.specs()
     assert set(table) == {f.name for f in fields(params.Settings)}
-    defaults = params.Settings()
+    defaults = params.Settings.defaults()
     for name, spec in table.items():
         assert spec.description, name
         assert getattr(defaults, name) == spec.default, name
@@ -181,7 +181,7 @@ def test_parameter_table_matches_settings_and_has_descriptions():
     ({"score_threshold": 1.5}, "score_threshold 1.5 is outside"),
 ])
 def test_validate_names_the_bad_parameter(change, problem):
-    assert problem in params.validate(params.Settings().with_values(change))
+    assert problem in params.validate(params.Settings.defaults().with_values(change))
 
 
 def test_backend_choices_are_the_engines():
@@ -245,7 +245,7 @@ def test_launch_file_starts_rviz_only_on_request_and_defaults_defer_to_the_param
     assert defaults["rviz"].value == "false"
 
 def test_engine_options_follow_the_release_by_default():
-    defaults = params.Settings()
+    defaults = params.Settings.defaults()
     assert params.engine_options(defaults) == {"max_new_tokens": 1024, "mask_nms_iou": None,
                                                "max_instruction_chars": 2000}
     tuned = defaults.with_values({"max_new_tokens": 32, "mask_nms_iou": 0.7})
