@@ -25,9 +25,16 @@ $(VENV)/.core-stamp: pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,training,eval,export]"
 	touch $@
 
+# The ros2 CLI and launch system have no wheels; on a robot apt provides them. Test
+# machines install them from ../shared/ros2_cli when it is there (CI has it beside the
+# checkout); they are never part of this repository.
+ROS2_CLI ?= ../shared/ros2_cli
+
 setup-ros: setup-core
 	scripts/install_ros.sh $(VENV)
 	scripts/build_ros.sh $(VENV) install
+	@if [ -x "$(ROS2_CLI)/install.sh" ]; then "$(ROS2_CLI)/install.sh" $(VENV); \
+	else echo "setup-ros: no $(ROS2_CLI)/install.sh: the ros2 CLI and launch tests will skip"; fi
 
 demo: setup-ros
 	. scripts/ros_env.sh && $(PY) -m instructsam_ros.demo

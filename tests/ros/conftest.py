@@ -95,3 +95,23 @@ def make_image():
 
     return make
 
+
+
+@pytest.fixture(scope="session")
+def ros2_cli() -> str:
+    """The `ros2` command with its launch system (apt on a robot; ../shared/ros2_cli here,
+    installed by `make setup-ros`). Missing: fail under CI, skip elsewhere."""
+    import shutil
+
+    exe = shutil.which("ros2")
+    try:
+        import launch_ros  # noqa: F401
+        import ros2launch  # noqa: F401
+    except ImportError:
+        exe = None
+    if exe is None:
+        message = "the ros2 CLI and launch system are not installed (make setup-ros installs them from ../shared/ros2_cli)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must run these tests")
+        pytest.skip(message)
+    return exe

@@ -75,6 +75,7 @@ def io(node, client):
     from instructsam_ros.qos import instruction_qos, output_qos
     from sensor_msgs.msg import CameraInfo, CompressedImage, Image
     from std_msgs.msg import String
+    from visualization_msgs.msg import MarkerArray
 
     n = client.node
     io = type("IO", (), {})()
@@ -83,6 +84,7 @@ def io(node, client):
     io.info = n.create_publisher(CameraInfo, f"{NS}/camera_info", output_qos())
     io.instruction = n.create_publisher(String, "/instruction", instruction_qos())
     io.results = client.collector(InstanceSegmentation, f"{NODE}/instances")
+    io.markers = client.collector(MarkerArray, f"{NODE}/markers")
     io.instruction.publish(String(data="the green apple"))
     for pub in (io.image, io.depth, io.info):
         wait_for(lambda: pub.get_subscription_count() > 0, 30, what="subscriptions")
@@ -122,6 +124,22 @@ def test_compressed_frame_with_matching_depth_gets_3d_positions(io):
         assert inst.centroid.x == pytest.approx((np.median(xs[valid]) - CX) * 1.5 / FX, abs=1e-6)
         assert inst.centroid.y == pytest.approx((np.median(ys[valid]) - CY) * 1.5 / FY, abs=1e-6)
         assert inst.extent.z == pytest.approx(0.0, abs=1e-6) and inst.extent.x > 0
+    # RViz markers of that frame: a DELETEALL, then a box and a label per instance
+    markers = wait_for(lambda: next((m for m in list(io.markers) if m.markers and
+                                     stamp_of(m.markers[0]) == stamp), None), 20, what="the markers")
+    from visualization_msgs.msg import Marker
+
+    clear, *rest = markers.markers
+    assert clear.action == Marker.DELETEALL
+    boxes = {m.id: m for m in rest if m.ns == "instances"}
+    labels = {m.id: m for m in rest if m.ns == "labels"}
+    assert set(boxes) == set(labels) == {inst.id for inst in result.instances}
+    for inst in result.instances:
+        box, label = boxes[inst.id], labels[inst.id]
+        assert box.type == Marker.CUBE and box.header.frame_id == "cam_color_optical"
+        assert (box.pose.position.x, box.pose.position.z) == (inst.centroid.x, inst.centroid.z)
+        assert box.scale.z == pytest.approx(0.01) and box.lifetime.sec == 1  # a flat patch still shows
+        assert label.type == Marker.TEXT_VIEW_FACING and label.text.startswith(f"{inst.id} {inst.phrase} ")
 
 
 def _set_param(client, name, **value):

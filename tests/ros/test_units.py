@@ -252,3 +252,43 @@ def test_engine_options_follow_the_release_by_default():
     assert params.engine_options(tuned)["max_new_tokens"] == 32 and params.engine_options(tuned)["mask_nms_iou"] == 0.7
     from instructsam_core.config import EngineConfig
     assert params.engine_options(defaults)["max_instruction_chars"] == EngineConfig().max_instruction_chars
+
+
+def test_a_malformed_frame_never_takes_a_good_frames_place_in_the_slot(ros):
+    from sensor_msgs.msg import CompressedImage
+
+    from instructsam_ros.conversions import numpy_to_image
+    from instructsam_ros.perception_node import PerceptionNode
+
+    node = PerceptionNode(node_name="slot_probe")
+    try:
+        node._active = True  # as after activate, without loading a model
+        good = numpy_to_image(np.zeros((4, 6, 3), np.uint8), "rgb8")
+        node._on_frame(good, False)
+        truncated = numpy_to_image(np.zeros((4, 6, 3), np.uint8), "rgb8")
+        truncated.data = truncated.data[:-5]
+        node._on_frame(truncated, False)  # cheap checks: refused in the callback
+        node._on_frame(CompressedImage(format="jpeg", data=b"GIF89a..."), True)
+        frame = node._slot.take(timeout=0.1)
+        assert frame is not None and frame.msg is good
+        assert (node._stats.received, node._stats.invalid, node._slot.dropped) == (3, 2, 0)
+    finally:
+        node._active = False
+        node.destroy_node()
+
+
+def test_cheap_checks_name_the_problem_without_decoding():
+    from sensor_msgs.msg import CompressedImage
+
+    from instructsam_ros.conversions import ImageError, check_compressed, check_image, numpy_to_image
+
+    msg = numpy_to_image(np.zeros((4, 6, 3), np.uint8), "rgb8")
+    check_image(msg)
+    msg.encoding = "yuv422"
+    with pytest.raises(ImageError, match="unsupported colour encoding 'yuv422'"):
+        check_image(msg)
+    check_compressed(CompressedImage(format="png", data=b"\x89PNG\r\n\x1a\n...."))
+    with pytest.raises(ImageError, match="empty compressed image"):
+        check_compressed(CompressedImage(format="jpeg", data=b""))
+    with pytest.raises(ImageError, match="neither JPEG nor PNG"):
+        check_compressed(CompressedImage(format="jpeg", data=b"BM......"))
