@@ -11,7 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(cd "${1:-$ROOT/.venv}" && pwd)"
 PREFIX="${2:-$ROOT/install}"
 mkdir -p "$PREFIX" && PREFIX="$(cd "$PREFIX" && pwd)"
-BUILD="$ROOT/build/ros"
+BUILD="$ROOT/build/ros/$(basename "$PREFIX")"  # one build tree per prefix (Kilted, Jazzy)
 mkdir -p "$BUILD"
 PY="$VENV/bin/python"
 

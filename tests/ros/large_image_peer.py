@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import rclpy
+from rclpy.executors import ExternalShutdownException
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
 
@@ -38,11 +39,11 @@ def main(role: str, count: int, rate: float) -> None:
         try:  # until all arrived, the deadline, or SIGINT (the publisher is done)
             while time.monotonic() < deadline and len(seen) < count:
                 rclpy.spin_once(node, timeout_sec=0.1)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, ExternalShutdownException):  # Kilted / Jazzy's SIGINT handling
             pass
         print(f"received {len(seen)}", flush=True)
     node.destroy_node()
-    rclpy.shutdown()
+    rclpy.try_shutdown()
 
 
 if __name__ == "__main__":

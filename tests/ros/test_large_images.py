@@ -20,8 +20,8 @@ FRAMES, RATE = 150, 15.0
 def _received(profile: Path | None) -> int:
     env = {k: v for k, v in os.environ.items() if k not in ("FASTDDS_DEFAULT_PROFILES_FILE",
                                                             "FASTRTPS_DEFAULT_PROFILES_FILE")}
-    if profile is not None:
-        env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
+    if profile is not None:  # Fast DDS 3 (Kilted) reads the first, Fast DDS 2 (Jazzy, Humble) the second
+        env["FASTDDS_DEFAULT_PROFILES_FILE"] = env["FASTRTPS_DEFAULT_PROFILES_FILE"] = str(profile)
     sub = subprocess.Popen([sys.executable, str(PEER), "sub", str(FRAMES), str(RATE)], cwd=REPO, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(1.5)  # the subscriber first, as a node is up before its camera streams

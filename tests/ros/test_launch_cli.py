@@ -34,6 +34,12 @@ def ros2(exe: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedPro
     return subprocess.run([exe, *args, *extra], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+def ros2_until(exe: str, *args: str, expect: str, timeout: float = 60.0) -> str:
+    """Repeat a discovery-dependent `ros2` query until its output holds `expect`."""
+    return wait_for(lambda: (lambda out: out if expect in out else None)(ros2(exe, *args).stdout), timeout,
+                    interval=0.5, what=f"`ros2 {' '.join(args)}` to show {expect!r}")
+
+
 @pytest.fixture(scope="module")
 def params_file(tmp_path_factory) -> Path:
     """config/perception.yaml with two values of our own, to prove the launch uses it."""
@@ -99,12 +105,11 @@ def camera(launch, client):
 
 
 def test_launch_starts_the_node_with_its_arguments(ros2_cli, launch):
-    assert ros2(ros2_cli, "lifecycle", "get", NODE, "--no-daemon").stdout.startswith("active")
+    assert ros2_until(ros2_cli, "lifecycle", "get", NODE, "--no-daemon", expect="active").startswith("active")
     assert "String value is: tiny" in ros2(ros2_cli, "param", "get", NODE, "checkpoint", "--no-daemon").stdout
     # from our params file, not the default one
     assert "Double value is: 0.0" in ros2(ros2_cli, "param", "get", NODE, "score_threshold", "--no-daemon").stdout
-    info = ros2(ros2_cli, "topic", "info", IMAGE, "--no-daemon").stdout
-    assert "Subscription count: 1" in info  # the remapped image topic
+    ros2_until(ros2_cli, "topic", "info", IMAGE, "--no-daemon", expect="Subscription count: 1")  # the remap
 
 
 def test_instruction_from_topic_pub_once_then_repeating_keeps_its_id(ros2_cli, launch, camera):
@@ -162,7 +167,7 @@ def test_every_launch_argument_is_a_parameter_a_remapping_or_a_feature(ros2_cli,
     shown = ros2(ros2_cli, "launch", "instructsam_ros", "perception.launch.py", "--show-args").stdout
     declared = set(re.findall(r"^    '(\w+)':", shown, re.M))
     assert declared == set(LAUNCH_ARGUMENTS)
-    listed = ros2(ros2_cli, "param", "list", NODE, "--no-daemon").stdout.split()
+    listed = ros2_until(ros2_cli, "param", "list", NODE, "--no-daemon", expect="checkpoint").split()
     for name, role in LAUNCH_ARGUMENTS.items():
         if role == "parameter":
             assert name in listed, name  # rclpy would ignore an undeclared one silently
@@ -194,8 +199,12 @@ def test_the_rviz_config_shows_what_the_node_publishes(ros2_cli, launch):
                 "rviz_default_plugins/MoveCamera", "rviz_default_plugins/Select", "rviz_default_plugins/Orbit",
                 "rviz_default_plugins/FocusCamera", "rviz_default_plugins/Measure"}
     assert classes <= provided, classes - provided
-    published = dict(line.split(" [") for line in ros2(ros2_cli, "topic", "list", "-t", "--no-daemon").stdout.split("\n")
-                     if " [" in line)
+    def published():  # discovery without the daemon can take a few tries on a busy machine
+        listed = ros2(ros2_cli, "topic", "list", "-t", "--no-daemon").stdout.split("\n")
+        found = dict(line.split(" [") for line in listed if " [" in line)
+        return found if all(f"{NS}{t}" in found for t in topics) else None
+
+    published = wait_for(published, 60, interval=0.5, what="the node's topics in `ros2 topic list`")
     expected_types = {"rviz_default_plugins/Image": "sensor_msgs/msg/Image]",
                       "rviz_default_plugins/MarkerArray": "visualization_msgs/msg/MarkerArray]"}
     assert set(topics) == {"/instructsam/overlay", "/instructsam/label_image", "/instructsam/markers"}
