@@ -92,6 +92,8 @@ def build_model(source: str | os.PathLike | InstructSamConfig, device: str | tor
     torch_dtype = resolve_dtype(dtype, dev)
     if isinstance(source, InstructSamConfig) or (isinstance(source, str) and source in PRESETS):
         config = source if isinstance(source, InstructSamConfig) else preset(source)
+        if tokenizer is None and isinstance(source, str):
+            tokenizer = preset_tokenizer(source)
         model, tokenizer = _random_model(config, seed, tokenizer, dev)
         model.to(dtype=torch_dtype)
         return BuiltModel(model.eval(), tokenizer, dev, torch_dtype, untrained=True)
@@ -165,6 +167,16 @@ def base_architecture(init: str, preset_name: str = "tiny", qwen_dir: str = "", 
     if init == "checkpoint":
         return read_model_config(checkpoint_dir)
     raise ValueError(f"unknown init {init!r}; use preset, base or checkpoint")
+
+
+def preset_tokenizer(name: str):
+    """The tokenizer a preset's vocabulary is sized for: the world's for `small`, Qwen's
+    (offline, with InstructSAM's tokens) for the others."""
+    if name == "small":
+        from .world import world_tokenizer
+
+        return world_tokenizer()
+    return build_offline_qwen_tokenizer()
 
 
 def _random_model(config: InstructSamConfig, seed: int | None, tokenizer, device: torch.device):

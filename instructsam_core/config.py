@@ -205,10 +205,57 @@ def tiny_config() -> InstructSamConfig:
                              vlm=_tiny_vlm(TINY_VOCAB_SIZE), sam3=_tiny_sam3(k))
 
 
+def small_config() -> InstructSamConfig:
+    """The default model's architecture: the real Qwen3-VL and SAM3 classes, small enough to
+    train on a CPU in an hour and ship in a few MB, large enough to learn the synthetic
+    tabletop world (LLM 128 wide, 4 layers; SAM3 at 224 px with 64x64 masks; K=10), over
+    the world's word-level tokenizer (`world.world_tokenizer`)."""
+    from .tokens import token_ids_from_tokenizer
+    from .world import world_tokenizer
+
+    tokenizer = world_tokenizer()
+    ids = token_ids_from_tokenizer(tokenizer)
+    vocab = -(-len(tokenizer) // 64) * 64  # room for the tokenizer, a multiple of 64
+    k, width = 10, 64
+    vlm = {
+        "model_type": "qwen3_vl",
+        "text_config": {
+            "model_type": "qwen3_vl_text", "vocab_size": vocab, "hidden_size": 128, "intermediate_size": 384,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, "mrope_section": [8, 4, 4],
+                                "mrope_interleaved": True},
+            "tie_word_embeddings": True,
+        },
+        "vision_config": {
+            "model_type": "qwen3_vl_vision", "depth": 2, "hidden_size": 64, "intermediate_size": 128,
+            "num_heads": 4, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "out_hidden_size": 128, "num_position_embeddings": 64, "deepstack_visual_indexes": [0],
+        },
+        "image_token_id": ids.image, "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": ids.vision_start, "vision_end_token_id": ids.vision_end,
+        "tie_word_embeddings": True,
+    }
+    sam3 = _tiny_sam3(k)
+    sam3["vision_config"]["backbone_config"].update(hidden_size=width, intermediate_size=128, num_hidden_layers=2,
+                                                    num_attention_heads=2, image_size=224, window_size=8,
+                                                    pretrain_image_size=112)
+    sam3["vision_config"].update(fpn_hidden_size=width, backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]])
+    for part in ("geometry_encoder_config", "detr_encoder_config", "detr_decoder_config"):
+        sam3[part].update(hidden_size=width, num_attention_heads=4, intermediate_size=128)
+    sam3["detr_encoder_config"]["num_layers"] = 2
+    sam3["detr_decoder_config"]["num_layers"] = 3
+    sam3["mask_decoder_config"].update(hidden_size=width, num_attention_heads=4)
+    # Scenes are 160x120: 128x160 for Qwen3-VL (20 image tokens).
+    return InstructSamConfig(num_queries=k, out_dim=width, sam_image_size=224, vlm_min_pixels=4 * 32 * 32,
+                             vlm_max_pixels=160 * 128, vlm=vlm, sam3=sam3)
+
+
 # Named model configurations: name -> a function returning a fresh config.
 PRESETS: dict[str, Callable[[], InstructSamConfig]] = {
     "tiny": tiny_config,  # tests, the untrained CPU demo: 5.2 M parameters, 4.9 M of them the embedding
     "2b": InstructSamConfig,  # InstructSAM-2B as released: 2.13 B (Qwen3-VL-2B) + SAM3 without CLIP
+    "small": small_config,  # the default model's architecture (the world's tokenizer)
 }
 
 

@@ -109,6 +109,9 @@ class OptimConfig:
     llm_lr: float = 5e-6  # LoRA, embed_tokens, lm_head
     projector_lr: float = 5e-6  # the Qwen3-VL vision merger
     mask_decoder_lr: float = 1e-5  # SAM3 without its vision encoder, both MLPs, the query bank
+    # 0: the vision towers stay frozen (the release). A model from random weights (the
+    # small default model) trains them too: the Qwen3-VL vision blocks and SAM3's encoder.
+    vision_lr: float = 0.0
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8

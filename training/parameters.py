@@ -9,6 +9,9 @@ The release (its stage scripts and trainer) trains four things and freezes the r
                    query bank                                         (mask_decoder_lr)
     frozen         the LLM's own weights, the Qwen3-VL vision blocks (and its deepstack
                    mergers), SAM3's vision encoder
+
+A model that starts from random weights (the `small` default model) also needs its vision
+towers to learn: with `vision=True` they form a fourth group, `vision`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import nn
 from instructsam_core.model.instructsam import InstructSam
 from training.config import ModelConfig
 
-GROUPS = ("llm", "projector", "mask_decoder")
+GROUPS = ("llm", "projector", "mask_decoder", "vision")
 
 
 def apply_lora(model: InstructSam, cfg: ModelConfig) -> None:
@@ -56,13 +59,15 @@ def merge_lora(model: nn.Module) -> int:
     return len(layers)
 
 
-def parameter_groups(model: InstructSam) -> "OrderedDict[str, list[tuple[str, nn.Parameter]]]":
-    """The release's groups, by parameter name; a tied lm_head appears once (as the
-    embedding). Every parameter not in a group is frozen."""
+def parameter_groups(model: InstructSam, vision: bool = False) -> "OrderedDict[str, list[tuple[str, nn.Parameter]]]":
+    """The release's groups (and, with `vision`, the vision towers), by parameter name; a
+    tied lm_head appears once (as the embedding). Every parameter not in a group is frozen."""
     groups: OrderedDict[str, list[tuple[str, nn.Parameter]]] = OrderedDict((g, []) for g in GROUPS)
     seen: set[int] = set()
     for name, param in model.named_parameters():  # named_parameters skips tied duplicates
         group = _group_of(name)
+        if group == "vision" and not vision:
+            group = None
         if group is not None and id(param) not in seen:
             groups[group].append((name, param))
             seen.add(id(param))
@@ -78,23 +83,25 @@ def _group_of(name: str) -> str | None:
         return "mask_decoder"
     if name.startswith(("mask_hidden_fcs.", "text_hidden_fcs.")) or name == "mask_queries":
         return "mask_decoder"
+    if name.startswith(("vlm.model.visual.", "grounding_model.vision_encoder.")):
+        return "vision"
     return None
 
 
-def set_trainable(model: InstructSam) -> "OrderedDict[str, list[tuple[str, nn.Parameter]]]":
+def set_trainable(model: InstructSam, vision: bool = False) -> "OrderedDict[str, list[tuple[str, nn.Parameter]]]":
     """Freeze everything, then unfreeze the groups; returns them."""
     for param in model.parameters():
         param.requires_grad_(False)
-    groups = parameter_groups(model)
+    groups = parameter_groups(model, vision)
     for members in groups.values():
         for _, param in members:
             param.requires_grad_(True)
     return groups
 
 
-def group_counts(model: InstructSam) -> "OrderedDict[str, int]":
+def group_counts(model: InstructSam, vision: bool = False) -> "OrderedDict[str, int]":
     """Trainable parameters per group (and the frozen rest), counted once each."""
-    groups = parameter_groups(model)
+    groups = parameter_groups(model, vision)
     counts: OrderedDict[str, int] = OrderedDict((g, sum(p.numel() for _, p in m)) for g, m in groups.items())
     in_groups = {id(p) for members in groups.values() for _, p in members}
     counts["frozen"] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()
@@ -102,10 +109,10 @@ def group_counts(model: InstructSam) -> "OrderedDict[str, int]":
     return counts
 
 
-def detailed_counts(model: InstructSam) -> "OrderedDict[str, int]":
+def detailed_counts(model: InstructSam, vision: bool = False) -> "OrderedDict[str, int]":
     """The groups split into their parts (LoRA, embeddings, each MLP, the bank, ...)."""
     parts: OrderedDict[str, int] = OrderedDict()
-    for group, members in parameter_groups(model).items():
+    for group, members in parameter_groups(model, vision).items():
         for name, param in members:
             if ".lora_" in name:
                 part = "llm: LoRA"
@@ -117,6 +124,8 @@ def detailed_counts(model: InstructSam) -> "OrderedDict[str, int]":
                 part = f"mask_decoder: {name.split('.')[0]}"
             elif group == "mask_decoder":
                 part = f"mask_decoder: SAM3 {name.split('.')[1]}"
+            elif group == "vision":
+                part = "vision: SAM3 vision encoder" if name.startswith("grounding_model.") else "vision: Qwen3-VL blocks"
             else:
                 part = f"{group}: {name.split('.')[3]}"
             parts[part] = parts.get(part, 0) + param.numel()

@@ -65,10 +65,13 @@ def build_start_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> B
 
 def make_optimizer(groups: dict, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW with one learning rate per group; no weight decay on biases and norms."""
-    lrs = {"llm": cfg.llm_lr, "projector": cfg.projector_lr, "mask_decoder": cfg.mask_decoder_lr}
+    lrs = {"llm": cfg.llm_lr, "projector": cfg.projector_lr, "mask_decoder": cfg.mask_decoder_lr,
+           "vision": cfg.vision_lr}
     param_groups = []
     for name in GROUPS:
         params = [p for _, p in groups[name]]
+        if not params:
+            continue  # e.g. the vision towers, frozen as in the release
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         param_groups.append({"name": name, "params": decay, "lr": lrs[name], "weight_decay": cfg.weight_decay})
@@ -105,7 +108,7 @@ def forward_losses(model, batch: Batch, cfg: TrainConfig, amp_context) -> tuple[
     with amp_context:
         dtype = next(model.vlm.model.visual.parameters()).dtype
         visions = model.encode_images_vlm([p.to(dtype) for p in batch.vlm_pixels], batch.grids)
-        with torch.no_grad():  # SAM3's vision encoder is frozen
+        with torch.set_grad_enabled(cfg.optim.vision_lr > 0 and model.training):  # frozen unless trained
             sam = model.encode_image_sam(batch.sam_pixels)
         out = model(batch.input_ids, batch.attention_mask, visions, sam)
     parts = {"text": text_loss(out.text_logits, batch.labels)}
@@ -226,11 +229,11 @@ def train(cfg: TrainConfig) -> dict:
     built = build_start_model(cfg.model, device)
     model, tokenizer = built.model, built.tokenizer
     apply_lora(model, cfg.model)
-    groups = set_trainable(model)
+    groups = set_trainable(model, vision=cfg.optim.vision_lr > 0)
     if cfg.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.to(device).train()
-    counts = group_counts(model)
+    counts = group_counts(model, vision=cfg.optim.vision_lr > 0)
     log.info("trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
     # optimizer and schedule
@@ -364,7 +367,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path |
     built = build_start_model(cfg.model, "cpu")
     model = built.model
     apply_lora(model, cfg.model)
-    groups = set_trainable(model)
+    groups = set_trainable(model, vision=cfg.optim.vision_lr > 0)
     load_training_checkpoint(source, model, make_optimizer(groups, cfg.optim))
     merged = merge_lora(model)
     log.info("merged %d LoRA layers from %s", merged, source)
@@ -393,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("overrides", nargs="*")
             args = p.parse_args(argv[1:])
             cfg = load_config(args.config, args.overrides)
-            for name, count in parameter_counts(cfg.model).items():
+            for name, count in parameter_counts(cfg).items():
                 print(f"{name:40s} {count:>15,}")
             return 0
         p = argparse.ArgumentParser(prog="instructsam-train", description=__doc__,
@@ -409,15 +412,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Trainable parameters per group and part for a model config, counted on the meta
+def parameter_counts(cfg: TrainConfig) -> dict[str, int]:
+    """Trainable parameters per group and part for a training config, counted on the meta
     device (no weights are read or allocated): the preset or base architecture."""
-    from instructsam_core.build import base_architecture
+    from instructsam_core.build import base_architecture, preset_tokenizer
 
-    config = base_architecture(cfg.init, cfg.preset, cfg.qwen, cfg.sam3, cfg.checkpoint)
-    model = build_model(config, device="meta").model
-    apply_lora(model, cfg)
-    return {**group_counts(model), **detailed_counts(model)}
+    m = cfg.model
+    config = base_architecture(m.init, m.preset, m.qwen, m.sam3, m.checkpoint)
+    tokenizer = preset_tokenizer(m.preset) if m.init == "preset" else None
+    model = build_model(config, device="meta", tokenizer=tokenizer).model
+    apply_lora(model, m)
+    vision = cfg.optim.vision_lr > 0
+    return {**group_counts(model, vision), **detailed_counts(model, vision)}
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ def launch(ros2_cli, params_file, tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     log.close()
+    ros2(ros2_cli, "daemon", "stop")  # `ros2 topic pub` starts one; it must not outlive the tests
 
 
 @pytest.fixture(scope="module")

@@ -57,3 +57,14 @@ def test_merging_lora_keeps_the_outputs_and_restores_the_released_layout(tiny_te
         after = model(ids, None, [inputs.vision]).text_logits
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     assert set(released_state_dict(model)) == keys_before and not lora_layers(model)
+
+
+def test_the_vision_towers_train_only_when_asked():
+    model = build_model("tiny", device="cpu").model
+    apply_lora(model, ModelConfig(lora_r=4))
+    assert group_counts(model)["vision"] == 0  # the release: frozen
+    groups = set_trainable(model, vision=True)
+    names = {n for n, _ in groups["vision"]}
+    assert any(n.startswith("grounding_model.vision_encoder.") for n in names)
+    assert any(n.startswith("vlm.model.visual.blocks.") for n in names)
+    assert not any(n.startswith("vlm.model.visual.merger.") for n in names)  # the projector group keeps it
