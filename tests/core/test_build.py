@@ -38,11 +38,11 @@ def test_default_config_is_the_released_2b_architecture():
 
 
 def test_presets_are_a_table_of_fresh_configs():
-    assert sorted(PRESETS) == ["2b", "tiny"]
+    assert sorted(PRESETS) == ["2b", "small", "tiny"]
     a, b = preset("tiny"), preset("tiny")
     a.vlm["text_config"]["hidden_size"] = 64
     assert b.vlm["text_config"]["hidden_size"] == 32  # each call builds its own
-    with pytest.raises(ValueError, match="unknown preset 'huge'; known presets: \\['2b', 'tiny'\\]"):
+    with pytest.raises(ValueError, match="unknown preset 'huge'; known presets: \\['2b', 'small', 'tiny'\\]"):
         preset("huge")
 
 
@@ -73,7 +73,7 @@ def test_random_weights_are_seeded_and_leave_the_callers_random_state_alone():
 
 
 def test_a_missing_checkpoint_names_the_presets(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist \\(or give a preset name: 2b, tiny\\)"):
+    with pytest.raises(FileNotFoundError, match="does not exist \\(or give a preset name: 2b, small, tiny\\)"):
         build_model(tmp_path / "nowhere", device="cpu")
 
 

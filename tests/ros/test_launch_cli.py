@@ -26,12 +26,22 @@ RVIZ = REPO / "rviz" / "perception.rviz"
 
 
 def ros2(exe: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    """Run a `ros2` verb without the daemon (none outlives the test), giving discovery time."""
+    """Run a `ros2` verb without the daemon (none outlives the test), giving discovery time.
+
+    Without the daemon each command discovers the graph itself; on a busy machine that can
+    take longer than its spin time, and the verb answers "Node not found" having done
+    nothing. Such a command is run again (up to `timeout`), as a user would.
+    """
     verb = args[:2]
     extra = []
     if "--no-daemon" in args:
-        extra = ["--timeout", "20"] if verb in (("param", "get"), ("param", "set")) else ["--spin-time", "3"]
-    return subprocess.run([exe, *args, *extra], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        extra = ["--timeout", "20"] if verb in (("param", "get"), ("param", "set")) else ["--spin-time", "5"]
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run([exe, *args, *extra], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        if "Node not found" not in out.stderr or time.monotonic() > deadline:
+            return out
+        time.sleep(0.5)
 
 
 def ros2_until(exe: str, *args: str, expect: str, timeout: float = 60.0) -> str:
