@@ -37,7 +37,8 @@ class BuiltModel:
 
     Attributes:
         model: the InstructSAM model, in eval mode, on `device` in `dtype`.
-        tokenizer: its tokenizer (a checkpoint's own, or the offline Qwen one).
+        tokenizer: its tokenizer (a checkpoint's own; for random weights the preset's:
+            the world's for `small`, else the offline Qwen one).
         device, dtype: where and in what precision it lives.
         untrained: its weights are random (a preset or a config, or a stage-1 start whose
             projections are new), so its masks mean nothing.
@@ -83,8 +84,9 @@ def build_model(source: str | os.PathLike | InstructSamConfig, device: str | tor
         source: a name in `config.PRESETS` or an `InstructSamConfig` (random weights), or
             a checkpoint directory (config.json + safetensors + tokenizer; strict load).
         device, dtype: see `resolve_device` / `resolve_dtype`.
-        seed: random weights are drawn from this seed (the same on every call), without
-            touching the caller's random state; None draws from it. Ignored for checkpoints.
+        seed: random weights are drawn from this seed (the same on every call for a
+            device; CPU and CUDA generators differ), without touching the caller's random
+            state; None draws from it. Ignored for checkpoints.
         tokenizer: for random weights, the tokenizer to pair them with (default: the
             offline Qwen tokenizer with InstructSAM's tokens).
     """
@@ -186,7 +188,8 @@ def _random_model(config: InstructSamConfig, seed: int | None, tokenizer, device
     vocab = config.vlm.get("text_config", {}).get("vocab_size", 151936)
     if max(len(tokenizer), token_ids.mask_end + 1) > vocab:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}")
-    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):  # the caller's random state (CPU and CUDA) is left as it was
         if seed is not None:
             torch.manual_seed(seed)
         with torch.device(device):

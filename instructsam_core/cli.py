@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--score-threshold", type=float, default=0.5, help="keep instances scoring above this")
     seg.add_argument("--max-instances", type=int, default=None, help="at most this many instances")
     seg.add_argument("--max-new-tokens", type=int, default=1024,
-                     help="generation budget (the release's 1024); lower cuts long answers' later phrases")
+                     help="generation budget (the release's 1024); lower cuts long answers (see README, Malformed answers)")
     seg.add_argument("--mask-nms-iou", type=float, default=None,
                      help="drop a mask overlapping a better one above this IoU (default: off, as the release)")
     seg.set_defaults(func=cmd_segment)

@@ -103,7 +103,8 @@ class EngineConfig:
     mask_nms_iou: float | None = None
     max_instances: int | None = None  # cap on instances per answer (best first)
     # Generation budget per instruction, the release's 1024; a lower value cuts long
-    # answers: phrases after the budget (and a phrase ending on its last token) get no mask.
+    # answers: phrases past the budget are never generated, and a budget ending right after
+    # a phrase gives the whole answer no mask (status "budget_cut"), as in the release.
     max_new_tokens: int = 1024
     max_instruction_chars: int = 2000  # longer instructions are rejected, not truncated
     system_prompt: str | None = None  # optional system turn of the chat template

@@ -131,8 +131,12 @@ class Segmenter:
 
     def update_config(self, **engine_options) -> None:
         """Change engine settings (fields of `EngineConfig`) for the next calls, e.g.
-        `seg.update_config(max_new_tokens=256, mask_nms_iou=0.7)`; unknown names raise."""
-        self.config = _with_options(self.config, engine_options)
+        `seg.update_config(max_new_tokens=256, mask_nms_iou=0.7)`; unknown names raise.
+        A new `system_prompt` forgets the encoded frame (its cached prompt prefix holds the old one)."""
+        updated = _with_options(self.config, engine_options)
+        if updated.system_prompt != self.config.system_prompt:
+            self.reset()
+        self.config = updated
 
     @staticmethod
     def available_backends() -> list[str]:

@@ -219,7 +219,9 @@ def random_scene(seed: int, width: int = 160, height: int = 120, num_objects: in
         only: when given, one object is drawn from these (colour, kind) pairs (so a
             held-out split can show its combinations).
     Objects are drawn far to near (by their base line), so nearer ones occlude farther
-    ones; each keeps at least 40 % of its pixels visible. `objects[i].mask` is exact.
+    ones. Placement tries (60 times) to keep any two objects from covering more than 60 %
+    of each other, then keeps the last position; an object left with fewer than 12
+    visible pixels is dropped. `objects[i].mask` is exact.
     """
     rng = np.random.default_rng(seed)
     view = view or VIEWS[int(rng.integers(len(VIEWS)))]

@@ -26,6 +26,7 @@ _WORDS = (
     # the node's and the demo's own words
     "warm up"
 )
+PLURAL = {kind: kind + "s" for kind in KINDS}  # every kind takes a plain -s
 PUNCTUATION = (" ", "\n", "\t", "'", '"', "?", ".", ",", "!", "-", ":", ";", "(", ")")
 UNKNOWN = "<unk>"
 
@@ -33,7 +34,7 @@ UNKNOWN = "<unk>"
 def world_words() -> list[str]:
     """The world's words, in a fixed order (the tokenizer's ids follow it)."""
     words = set(_WORDS.split()) | set(KINDS) | set(COLOURS) | set(SIZES)
-    words |= {k + ("es" if k.endswith("ch") else "s") for k in KINDS}
+    words |= set(PLURAL.values())
     words |= {w.capitalize() for w in words}
     return sorted(words)
 

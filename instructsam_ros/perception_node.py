@@ -8,7 +8,8 @@ default) it configures and activates itself, so a plain `ros2 run`/`ros2 launch`
 Topics (relative names, change them by remapping):
     image (sensor_msgs/Image) or image/compressed (sensor_msgs/CompressedImage)
     /instruction (std_msgs/String), depth (sensor_msgs/Image), camera_info
-    ~/instances (InstanceSegmentation), ~/label_image (mono16), ~/overlay (bgr8)
+    ~/instances (InstanceSegmentation), ~/label_image (mono16), ~/overlay (bgr8),
+    ~/markers (visualization_msgs/MarkerArray, with depth)
     ~/segment (Segment service), /diagnostics (diagnostic_msgs/DiagnosticArray)
 
 Run: `ros2 run instructsam_ros perception_node --ros-args -p checkpoint:=/path/to/ckpt`
@@ -67,6 +68,7 @@ class PerceptionNode(LifecycleNode):
         self.start_error = ""  # why the last configure/activate failed
         self._instruction = InstructionState()
         self._segmenter = None
+        self._engine_settings: params.Settings | None = None  # the settings the engine runs with
         self._overlay_banner = ""  # shown on the overlay, e.g. that the model is untrained
         self._engine_lock = threading.Lock()  # the engine is not re-entrant
         self._slot = LatestFrame()
@@ -216,6 +218,7 @@ class PerceptionNode(LifecycleNode):
         t0 = time.monotonic()
         seg = Segmenter.from_pretrained(s.checkpoint, device=s.device, dtype=s.dtype, backend=s.backend,
                                         **params.engine_options(s))
+        self._engine_settings = s
         self._overlay_banner = ""
         if seg.is_untrained:
             self._overlay_banner = "UNTRAINED demo model: masks are random"
@@ -335,7 +338,9 @@ class PerceptionNode(LifecycleNode):
             # key=None: every image is encoded once anyway, and a stamp is no identity
             # (zero or repeated stamps from hand-made publishers).
             seg.set_image(rgb, key=None)
-            seg.update_config(**params.engine_options(s))
+            if self._engine_settings is not s:  # settings are replaced whole on every change
+                seg.update_config(**params.engine_options(s))
+                self._engine_settings = s
             result = seg.segment(text, score_threshold=threshold, max_instances=s.max_instances or None)
         age = (self.get_clock().now().nanoseconds - stamp_ns(header.stamp)) * 1e-9
         timing = Timing(latency_node=time.monotonic() - started, image_age=age, frames_dropped=dropped)

@@ -21,12 +21,12 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from instructsam_core.checkpoint import CheckpointError
 from instructsam_core.fileio import atomic_directory
 
 STEP_PREFIX = "step-"
@@ -39,7 +39,6 @@ class TrainingState:
     step: int
     sampler: dict
     skips: dict[str, int]
-    extra: dict[str, Any]
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -74,7 +73,8 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
 
 def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    cuda_keys = sorted((k for k in tensors if k.startswith("torch_cuda_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    cuda = [tensors[k] for k in cuda_keys]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
     name, keys, pos, has_gauss, gauss = plain["numpy"]
@@ -91,10 +91,10 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, state["param_groups"]
 
 
-def save_training_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor],
-                             optimizer: torch.optim.Optimizer, state: TrainingState, keep: int) -> Path:
-    """Write `RUN/checkpoints/step-NNNNNN` atomically, then keep only the newest `keep`."""
-    target = Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{step:06d}"
+def save_training_checkpoint(run_dir: Path, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                             state: TrainingState, keep: int) -> Path:
+    """Write `RUN/checkpoints/step-NNNNNN` (NNNNNN = `state.step`) atomically, then keep only the newest `keep`."""
+    target = Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{state.step:06d}"
     opt_tensors, param_groups = _optimizer_tensors(optimizer)
     rng_tensors, rng_plain = _rng_state()
     with atomic_directory(target) as tmp:
@@ -102,17 +102,20 @@ def save_training_checkpoint(run_dir: Path, step: int, trainable: dict[str, torc
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({
-            "step": step, "sampler": state.sampler, "skips": state.skips, "extra": state.extra,
+            "step": state.step, "sampler": state.sampler, "skips": state.skips,
             "optimizer_param_groups": param_groups, "rng": rng_plain}, indent=1), encoding="utf-8")
     for old in checkpoint_dirs(run_dir)[:-max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainingState:
-    """Restore trained parameters, optimizer and generator states from `path`; returns the rest.
+def load_training_checkpoint(path: Path, model: torch.nn.Module,
+                             optimizer: torch.optim.Optimizer | None = None) -> TrainingState:
+    """Restore trained parameters from `path`; returns the rest of its state.
 
-    Strict: every trainable parameter must be in the file and nothing else.
+    With an `optimizer` (resuming), its state and the generators are restored too; without
+    one (merging the weights into a release), only the parameters. Strict: every trainable
+    parameter must be in the file and nothing else.
     """
     path = Path(path)
     params = dict(model.named_parameters())
@@ -120,12 +123,15 @@ def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer: torc
     wanted = {n for n, p in params.items() if p.requires_grad}
     missing, unexpected = sorted(wanted - set(trainable)), sorted(set(trainable) - wanted)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model being trained: missing {missing[:3]}, "
+        raise CheckpointError(f"checkpoint {path} does not match the model being trained: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]} (was it made with another config?)")
     with torch.no_grad():
         for name, tensor in trainable.items():
             params[name].copy_(tensor)
     meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    state = TrainingState(step=int(meta["step"]), sampler=meta["sampler"], skips=meta["skips"])
+    if optimizer is None:
+        return state
     opt_tensors = load_file(str(path / "optimizer.safetensors"))
     slots: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in opt_tensors.items():
@@ -133,4 +139,4 @@ def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer: torc
         slots.setdefault(int(index), {})[slot] = tensor
     optimizer.load_state_dict({"state": slots, "param_groups": meta["optimizer_param_groups"]})
     _set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
-    return TrainingState(step=int(meta["step"]), sampler=meta["sampler"], skips=meta["skips"], extra=meta["extra"])
+    return state

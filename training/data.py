@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -192,6 +192,7 @@ def next_samples(sampler: MixSampler, count: int, max_instances: int, skips: Ski
         source = sampler.next()
         try:
             out.append(load_sample(source, max_instances, skips))
+            tries = 0
         except DataError as err:
             reason, _, _ = str(err).partition(":")
             skips.add(reason, f"sample {source.sample_id} skipped: {err}")
@@ -214,7 +215,6 @@ class Batch:
         vlm_pixels, grids: per sample, Qwen3-VL patches and their grid.
         sam_pixels: `(B, 3, S, S)` SAM3 inputs.
         targets: per phrase, in the order of the query blocks, `(N, m, m)` bool masks.
-        sample_ids: for logs.
     """
 
     input_ids: torch.Tensor
@@ -224,12 +224,11 @@ class Batch:
     grids: list[tuple[int, int, int]]
     sam_pixels: torch.Tensor
     targets: list[torch.Tensor]
-    sample_ids: list[str] = field(default_factory=list)
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
                      [p.to(device) for p in self.vlm_pixels], self.grids, self.sam_pixels.to(device),
-                     [t.to(device) for t in self.targets], self.sample_ids)
+                     [t.to(device) for t in self.targets])
 
 
 def answer_ids(tokenizer, ids: TokenIds, phrases: list[str], num_queries: int) -> list[int]:
@@ -276,5 +275,4 @@ def collate(samples: list[TrainSample], tokenizer, ids: TokenIds, config: Instru
         input_ids[b, :len(row)] = torch.tensor(row)
         label_ids[b, :len(row)] = torch.tensor(row_labels)
         attention[b, :len(row)] = 1
-    return Batch(input_ids, attention, label_ids, vlm_pixels, grids, torch.cat(sam), targets,
-                 [s.sample_id for s in samples])
+    return Batch(input_ids, attention, label_ids, vlm_pixels, grids, torch.cat(sam), targets)

@@ -1,7 +1,7 @@
 """What trains, and how fast: LoRA on the LLM (peft), the release's parameter groups, and
 the merge of LoRA into the weights between the stages.
 
-The release (its stage scripts and trainer) trains four things and freezes the rest:
+The release (its stage scripts and trainer) trains three groups and freezes the rest:
 
     llm            LoRA on the LLM's q/k/v/o, embed_tokens, lm_head   (llm_lr)
     projector      the Qwen3-VL vision merger                         (projector_lr)
@@ -63,14 +63,12 @@ def parameter_groups(model: InstructSam, vision: bool = False) -> "OrderedDict[s
     """The release's groups (and, with `vision`, the vision towers), by parameter name; a
     tied lm_head appears once (as the embedding). Every parameter not in a group is frozen."""
     groups: OrderedDict[str, list[tuple[str, nn.Parameter]]] = OrderedDict((g, []) for g in GROUPS)
-    seen: set[int] = set()
     for name, param in model.named_parameters():  # named_parameters skips tied duplicates
         group = _group_of(name)
         if group == "vision" and not vision:
             group = None
-        if group is not None and id(param) not in seen:
+        if group is not None:
             groups[group].append((name, param))
-            seen.add(id(param))
     return groups
 
 

@@ -11,7 +11,8 @@ left of the plate", "the leftmost can"), superlative and counting ("the two larg
 balls"), exclusion ("every cup except the blue one"), intent ("something to pour water
 into"), multi-target ("the apple and the banana"), and no target ("the purple giraffe"
 style: a colour and kind absent from the scene). The colour/kind pairs in
-`HELD_OUT_COMBINATIONS` never appear in training scenes; the held-out split shows them.
+`HELD_OUT_COMBINATIONS` never appear in training scenes or instructions (not even as a
+no-target phrase); the held-out split shows them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from instructsam_core.sample_images import COLOURS, KINDS, Scene, random_scene
+from instructsam_core.world import PLURAL
 from training.eval.masks import rle_encode
 
 INSTRUCTION_KINDS = ("category", "colour", "attribute", "spatial", "superlative", "exclusion", "intent", "multi",
@@ -33,7 +35,6 @@ STAGE1_KINDS = ("category", "colour", "attribute", "no_target")  # referring dat
 # checks the training split never contains one).
 HELD_OUT_COMBINATIONS = frozenset({("purple", "banana"), ("orange", "bowl"), ("white", "ball"), ("black", "cup"),
                                    ("green", "plate"), ("red", "bottle")})
-PLURAL = {k: k + "es" if k.endswith("ch") else k + "s" for k in KINDS}
 INTENTS = {
     "something to drink from": ("cup", "mug"),
     "something to pour water into": ("cup", "mug", "bowl"),
@@ -65,9 +66,10 @@ def _area(scene: Scene, i: int) -> int:
     return int(scene.objects[i].mask.sum())
 
 
-def expressions(scene: Scene, rng: np.random.Generator, kinds: tuple[str, ...] = INSTRUCTION_KINDS
-                ) -> list[Expression]:
-    """At most one expression of each requested kind the scene allows."""
+def expressions(scene: Scene, rng: np.random.Generator, kinds: tuple[str, ...] = INSTRUCTION_KINDS,
+                exclude: frozenset[tuple[str, str]] = frozenset()) -> list[Expression]:
+    """At most one expression of each requested kind the scene allows; a no-target
+    expression never names an `exclude`d (colour, kind) pair."""
     objs = scene.objects
     by_kind: dict[str, list[int]] = {}
     by_colour: dict[str, list[int]] = {}
@@ -140,8 +142,8 @@ def expressions(scene: Scene, rng: np.random.Generator, kinds: tuple[str, ...] =
             a, b = rng.choice(sorted(by_kind), size=2, replace=False)
             made = Expression(f"the {a} and the {b}", kind, sorted(by_kind[a] + by_kind[b]))
         elif kind == "no_target":
-            absent = [(c, k) for c in COLOURS for k in KINDS
-                      if not any((o.colour, o.kind) == (c, k) for o in objs)]
+            absent = [(c, k) for c in COLOURS for k in KINDS if (c, k) not in exclude
+                      and not any((o.colour, o.kind) == (c, k) for o in objs)]
             c, k = pick(absent)
             made = Expression(f"the {c} {k}", kind, [])
         if made is not None:
@@ -171,7 +173,7 @@ def write_split(root: Path, name: str, seeds, kinds: tuple[str, ...] = INSTRUCTI
     for seed in seeds:
         scene = make_scene(seed, held_out)
         rng = np.random.default_rng([seed, 7])
-        exprs = expressions(scene, rng, kinds)
+        exprs = expressions(scene, rng, kinds, exclude=frozenset() if held_out else HELD_OUT_COMBINATIONS)
         if not exprs:
             continue
         image = f"COCO_{name}{seed:08d}.png"  # found as coco/train2017/<after the last _>, as gRefCOCO's are

@@ -33,17 +33,21 @@ import torch
 from tqdm import tqdm
 
 from instructsam_core.build import BuiltModel, build_model, from_base_models, resolve_device
-from instructsam_core.checkpoint import save_checkpoint
+from instructsam_core.checkpoint import CheckpointError, save_checkpoint
 from instructsam_core.fileio import write_text_atomic
 from training.checkpoints import (TrainingState, checkpoint_dirs, load_training_checkpoint, remove_partial,
                                   save_training_checkpoint)
 from training.config import ConfigError, LoopConfig, ModelConfig, OptimConfig, TrainConfig, load_config, save_config
 from training.data import Batch, MixSampler, SkipLog, collate, next_samples, read_dataset
+from training.eval.readers import FormatError
 from training.losses import mask_losses, text_loss
 from training.parameters import GROUPS, apply_lora, detailed_counts, group_counts, merge_lora, set_trainable
 
 log = logging.getLogger("instructsam.train")
-RESUMABLE_SECTIONS = ("data", "model", "loss", "optim")  # must not change between a run and its resume
+# What must not change between a run and its resume: the recipe, and the loop settings that
+# set the data order and the schedule (the others, e.g. stop_after or logging, may).
+RESUMABLE_SECTIONS = ("data", "model", "loss", "optim")
+RESUMABLE_LOOP_KEYS = ("seed", "batch_size", "grad_accum", "max_steps", "epochs")
 
 
 # ---- pieces ---------------------------------------------------------------------------------
@@ -53,6 +57,8 @@ def build_start_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> B
     if cfg.init == "base":
         if not cfg.qwen:
             raise ConfigError("model.init 'base' needs model.qwen (a Qwen3-VL directory) and model.sam3")
+        if not cfg.sam3:
+            log.warning("model.sam3 is empty: SAM3 starts from random weights (an ablation, not the release)")
         return from_base_models(cfg.qwen, cfg.sam3 or None, device=device, dtype="float32")
     if cfg.init == "checkpoint":
         if not cfg.checkpoint:
@@ -153,6 +159,15 @@ def enable_activation_checkpointing(model) -> None:
         model.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the per-step log up to `step` (what a resumed run continues from)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -202,6 +217,7 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
     now = cfg.to_dict()
     changed = [f"{s}.{k}" for s in RESUMABLE_SECTIONS for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
+    changed += [f"loop.{k}" for k in RESUMABLE_LOOP_KEYS if saved.get("loop", {}).get(k) != now["loop"][k]]
     if changed:
         raise ConfigError(f"{run_dir} holds a run made with another configuration ({', '.join(changed[:5])} "
                           "differ); resume with the same settings or choose another loop.out_dir")
@@ -214,7 +230,10 @@ def train(cfg: TrainConfig) -> dict:
     loop: LoopConfig = cfg.loop
     run_dir = Path(loop.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(loop.device)
+    try:
+        device = resolve_device(loop.device)
+    except ValueError as err:
+        raise ConfigError(f"loop.device: {err}") from err
     amp_context = autocast(device, loop.amp)
     seed_everything(loop.seed)
 
@@ -252,10 +271,8 @@ def train(cfg: TrainConfig) -> dict:
         state = load_training_checkpoint(existing[-1], model, optimizer)
         step, skips.counts = state.step, Counter(state.skips)
         train_sampler.load_state_dict(state.sampler)
-        scheduler.last_epoch = step  # the schedule is a function of the step
-        factor = lr_factor(step, total_steps, cfg.optim.warmup_ratio, cfg.optim.schedule)
-        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base * factor
+        scheduler.last_epoch = step  # the groups' lrs came back with the optimizer state
+        _truncate_metrics(run_dir / "metrics.jsonl", step)  # steps after the checkpoint run again
         log.info("resumed from %s (step %d of %d)", existing[-1], step, total_steps)
     else:
         save_config(cfg, run_dir / "config.yaml")
@@ -285,13 +302,13 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.optim.grad_clip > 0:
                 sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"]], cfg.optim.grad_clip))
+            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups if not g["name"].endswith("_nodecay")}
             optimizer.step()
             scheduler.step()
             step += 1
             seconds = time.perf_counter() - t0
             last = {"step": step, **{k: round(v, 6) for k, v in sums.items()},
-                    "mask_iou": float(np.mean(ious)) if ious else None,
-                    "lr": {g["name"]: g["lr"] for g in optimizer.param_groups if not g["name"].endswith("_nodecay")},
+                    "mask_iou": float(np.mean(ious)) if ious else None, "lr": lrs,
                     "samples_per_s": samples_per_step / seconds, "memory_gib": memory_gib(device)}
             metrics_file.write(json.dumps(last) + "\n")
             metrics_file.flush()
@@ -312,8 +329,8 @@ def train(cfg: TrainConfig) -> dict:
                         writer.add_scalar(f"eval/{key}", value, step)
             stop_now = stop.requested or (loop.stop_after and step >= loop.stop_after)
             if step % loop.checkpoint_every == 0 or step == total_steps or stop_now:
-                save_training_checkpoint(run_dir, step, trainable_state(model), optimizer,
-                                         TrainingState(step, train_sampler.state_dict(), dict(skips.counts), {}),
+                save_training_checkpoint(run_dir, trainable_state(model), optimizer,
+                                         TrainingState(step, train_sampler.state_dict(), dict(skips.counts)),
                                          loop.keep_checkpoints)
             if stop_now and step < total_steps:
                 stopped_early = True
@@ -367,8 +384,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path |
     built = build_start_model(cfg.model, "cpu")
     model = built.model
     apply_lora(model, cfg.model)
-    groups = set_trainable(model, vision=cfg.optim.vision_lr > 0)
-    load_training_checkpoint(source, model, make_optimizer(groups, cfg.optim))
+    set_trainable(model, vision=cfg.optim.vision_lr > 0)
+    load_training_checkpoint(source, model)  # weights only: no optimizer state, generators untouched
     merged = merge_lora(model)
     log.info("merged %d LoRA layers from %s", merged, source)
     return save_checkpoint(model.eval(), built.tokenizer, out_dir)
@@ -407,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(load_config(args.config, args.overrides))
         print(json.dumps({k: summary[k] for k in ("stage", "step", "finished", "final", "skipped")}))
         return 0
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, CheckpointError, FormatError) as err:  # the user's input, not a bug
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -416,10 +433,12 @@ def parameter_counts(cfg: TrainConfig) -> dict[str, int]:
     """Trainable parameters per group and part for a training config, counted on the meta
     device (no weights are read or allocated): the preset or base architecture."""
     from instructsam_core.build import base_architecture, preset_tokenizer
+    from instructsam_core.processing import load_tokenizer
 
     m = cfg.model
     config = base_architecture(m.init, m.preset, m.qwen, m.sam3, m.checkpoint)
-    tokenizer = preset_tokenizer(m.preset) if m.init == "preset" else None
+    tokenizer = (preset_tokenizer(m.preset) if m.init == "preset"
+                 else load_tokenizer(m.checkpoint) if m.init == "checkpoint" else None)
     model = build_model(config, device="meta", tokenizer=tokenizer).model
     apply_lora(model, m)
     vision = cfg.optim.vision_lr > 0

@@ -134,7 +134,7 @@ def test_unknown_backend_device_and_dtype_are_named(tiny_checkpoint):
 
 
 def test_bfloat16_on_cpu_runs(tiny_checkpoint, image):
-    seg = Segmenter.from_pretrained(str(tiny_checkpoint), dtype="bfloat16", phrase_mode="instruction")
+    seg = Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", dtype="bfloat16", phrase_mode="instruction")
     r = seg.segment_image(image, "the mug", score_threshold=0.0)
     assert seg.dtype == torch.bfloat16 and r.masks.shape[1:] == (72, 96)
 

@@ -73,12 +73,12 @@ def _result_record(result) -> dict:
 def _run_cases() -> dict:
     image = _image()
     out = {}
-    forced = Segmenter.from_pretrained("tiny", phrase_mode="instruction", **SETTINGS)
+    forced = Segmenter.from_pretrained("tiny", device="cpu", dtype="float32", phrase_mode="instruction", **SETTINGS)
     forced.set_image(image)
     out["forced_phrase"] = {"head": _head_record(forced, "the red mug", "the red mug", None),
                             "result": _result_record(forced.segment("the red mug"))}
 
-    gen = Segmenter.from_pretrained("tiny", phrase_mode="generate", **SETTINGS)
+    gen = Segmenter.from_pretrained("tiny", device="cpu", dtype="float32", phrase_mode="generate", **SETTINGS)
     gen.set_image(image)
     out["free_generation"] = {"result": _result_record(gen.segment("pick up the blue cup"))}
 

@@ -68,3 +68,13 @@ def test_the_vision_towers_train_only_when_asked():
     assert any(n.startswith("grounding_model.vision_encoder.") for n in names)
     assert any(n.startswith("vlm.model.visual.blocks.") for n in names)
     assert not any(n.startswith("vlm.model.visual.merger.") for n in names)  # the projector group keeps it
+
+
+def test_activation_checkpointing_switches_on_the_llm_layers():
+    from training.train import enable_activation_checkpointing
+
+    model = build_model("tiny", device="cpu").model
+    llm = model.vlm.model.language_model
+    assert not llm.gradient_checkpointing
+    enable_activation_checkpointing(model)
+    assert llm.gradient_checkpointing  # the flag transformers' decoder loop reads

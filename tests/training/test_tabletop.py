@@ -71,13 +71,15 @@ def test_every_expression_names_exactly_its_targets(seed):
 def test_training_scenes_never_show_a_held_out_combination_and_the_held_out_split_does(tmp_path):
     for seed in range(60):
         assert not {(o.colour, o.kind) for o in make_scene(seed, held_out=False).objects} & HELD_OUT_COMBINATIONS
-    path = write_split(tmp_path, "train", range(30), kinds=STAGE1_KINDS)
+    path = write_split(tmp_path, "train", range(200), kinds=STAGE1_KINDS)
     records = json.loads(path.read_text())
     assert records and not any((o["colour"], o["kind"]) in HELD_OUT_COMBINATIONS for r in records for o in r["objects"])
+    held_out_phrases = {f"the {c} {k}" for c, k in HELD_OUT_COMBINATIONS}
+    assert not held_out_phrases & {t for r in records for t in r["cat"]}  # not even as a no-target phrase
     assert {k for r in records for k in r["kinds"]} == set(STAGE1_KINDS)
     held = json.loads(write_split(tmp_path, "heldout", range(1_000_000, 1_000_010), held_out=True).read_text())
     assert any((o["colour"], o["kind"]) in HELD_OUT_COMBINATIONS for r in held for o in r["objects"])
-    again = json.loads(write_split(tmp_path / "again", "train", range(30), kinds=STAGE1_KINDS).read_text())
+    again = json.loads(write_split(tmp_path / "again", "train", range(200), kinds=STAGE1_KINDS).read_text())
     assert again == records  # deterministic from the seeds
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path, PureWindowsPath
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from training.eval.masks import DataError, decode_instances, read_png_mask
-from training.eval.prompts import PromptFn, build_instruction
+from training.eval.prompts import PromptFn, build_instruction, strip_quotes
 from training.eval.samples import GroundTruth
 
 
@@ -80,10 +80,19 @@ def prompted(prompt: PromptFn, text: str) -> dict:
     return {"instruction": instruction, "error": error}
 
 
-def check_id(sid: str, ids: set[str], where: str) -> None:
-    if sid in ids:
-        raise FormatError(f"{where}: duplicate id {sid!r}")
-    ids.add(sid)
+def identified_records(json_path: Path, *text_fields: str) -> Iterator[tuple[dict, str, str, str]]:
+    """`(record, where, text, id)` for each record of a JSON list: `text` from the first of
+    `text_fields` present, quotes stripped; `id` the record's own, else its index. Two
+    records sharing an id raise `FormatError` (resume and sharding key on ids)."""
+    ids: set[str] = set()
+    for i, rec in enumerate(load_json_records(json_path)):
+        where = f"{json_path}[{i}]"
+        text = strip_quotes(field_of(rec, *text_fields, where=where))
+        sid = str(rec.get("id", f"{i:06d}"))
+        if sid in ids:
+            raise FormatError(f"{where}: duplicate id {sid!r}")
+        ids.add(sid)
+        yield rec, where, text, sid
 
 
 def field_of(rec: dict, *names: str, where: str) -> Any:

@@ -22,8 +22,8 @@ from typing import Any, Callable
 from training.eval.cli import base_parser, guarded, prompt_from_args, run_benchmark, split_name
 from training.eval.masks import DataError, decode_instances, is_polygon
 from training.eval.prompts import PromptFn, roborefit_prompt, strip_quotes
-from training.eval.readers import (FormatError, ann_gt, check_id, field_of, load_json_records, mask_path_gt,
-                                   parse_box, prompted, resolve_path, size_of)
+from training.eval.readers import (FormatError, ann_gt, field_of, identified_records, load_json_records,
+                                   mask_path_gt, parse_box, prompted, resolve_path, size_of)
 from training.eval.samples import GroundTruth, Sample
 from training.eval.summary import BenchmarkSpec
 from training.metrics import INSTRUCTSAM_IOU
@@ -76,12 +76,7 @@ def read_roborefit_qa(json_path: Path, data_root: Path, prompt: PromptFn = robor
             sharding key on ids).
     """
     out = []
-    ids: set[str] = set()
-    for i, rec in enumerate(load_json_records(json_path)):
-        where = f"{json_path}[{i}]"
-        text = strip_quotes(field_of(rec, "question", "expression", "text", where=where))
-        sid = str(rec.get("id", f"{i:06d}"))
-        check_id(sid, ids, where)
+    for rec, where, text, sid in identified_records(json_path, "question", "expression", "text"):
         ann = rec.get("masks")
         out.append(Sample(
             sample_id=sid,
@@ -146,12 +141,7 @@ def read_plain(json_path: Path, data_root: Path, prompt: PromptFn = roborefit_pr
     instance each; an empty list: no target); absent/null means predict-only.
     """
     out = []
-    ids: set[str] = set()
-    for i, rec in enumerate(load_json_records(json_path)):
-        where = f"{json_path}[{i}]"
-        text = strip_quotes(field_of(rec, "text", "question", "expression", where=where))
-        sid = str(rec.get("id", f"{i:06d}"))
-        check_id(sid, ids, where)
+    for rec, where, text, sid in identified_records(json_path, "text", "question", "expression"):
         if rec.get("mask") is not None and rec.get("masks") is not None:
             raise FormatError(f"{where}: both 'mask' and 'masks' given; use one")
         mask = rec.get("mask") if rec.get("mask") is not None else rec.get("masks")

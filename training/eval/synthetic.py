@@ -153,15 +153,15 @@ def write_grefcoco(root: Path, name: str = "grefcoco_val.json", size: tuple[int,
 # ---- procedural tabletop scenes (training tests, smoke runs) -------------------------------
 
 def write_roborefit_scenes(root: Path, split: str = "train", n: int = 4,
-                           size: tuple[int, int] = (96, 128)) -> list[SyntheticSample]:
+                           size: tuple[int, int] = (96, 128)) -> Path:
     """RoboRefIt's official layout from the core's tabletop scenes: one sample per scene,
-    the expression naming its first mug, the mug's exact mask as the GT."""
+    the expression naming its first mug, the mug's exact mask as the GT. Returns the JSON."""
     from instructsam_core.sample_images import tabletop_scene
 
     base = Path(root) / "final_dataset" / split
     (base / "image").mkdir(parents=True, exist_ok=True)
     (base / "mask").mkdir(parents=True, exist_ok=True)
-    recs, out = [], []
+    recs = []
     h, w = size
     for i in range(n):
         scene = tabletop_scene(w, h, seed=i)
@@ -175,9 +175,9 @@ def write_roborefit_scenes(root: Path, split: str = "train", n: int = 4,
         recs.append({"num": i, "text": text, "bbox": [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())],
                      "scene": f"scene_{i}", "rgb_path": f"{win}\\image\\{stem}.png",
                      "depth_path": f"{win}\\depth\\{stem}.png", "mask_path": f"{win}\\mask\\{stem}.png"})
-        out.append(SyntheticSample(base / "image" / f"{stem}.png", text, [], size))
-    (base / f"roborefit_{split}.json").write_text(json.dumps(recs), encoding="utf-8")
-    return out
+    path = base / f"roborefit_{split}.json"
+    path.write_text(json.dumps(recs), encoding="utf-8")
+    return path
 
 
 def write_grefcoco_scenes(root: Path, name: str = "grefcoco_train.json", n: int = 2,
