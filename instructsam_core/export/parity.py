@@ -15,10 +15,12 @@ logits ~10). Mask logits are also compared by the share of pixels whose sign (ma
 not) agrees.
 
 Tolerances, by the lower of the two precisions compared:
-- float32: scale 1e-4, rel 1e-3. Both sides compute the same fp32 math with different
-  kernels and summation orders (fused LayerNorm, GEMM blocking, Softmax): the tiny config
-  measures errors below 1e-6 of scale; a real-size 32-layer encoder accumulates more,
-  while a wrong operator or weight gives errors of the order of the values themselves.
+- float32: scale 5e-4, rel 1e-3. Both sides compute the same fp32 math with different
+  kernels and summation orders (fused LayerNorm, GEMM blocking, Softmax). Measured on
+  onnxruntime CPU: below 1e-6 of scale on the tiny model; at real size (SAM3 at 1008 px,
+  random weights) 2.4e-6 for the vision features and 4.5e-5 for the mask logits, the
+  largest, so 5e-4 leaves ten times that for other kernels (cuDNN, TensorRT tactics).
+  A wrong operator or weight gives errors of the order of the values themselves.
 - float16: scale 2e-2, rel 2e-2, 99 % of mask pixels agreeing; bfloat16: scale 5e-2,
   rel 5e-2, 98 %. Half-precision rounding (2^-11, 2^-8 per operation) grown over a deep
   network: goals to confirm on a GPU, not measured here.
@@ -49,7 +51,7 @@ class Tolerance:
 
 
 TOLERANCES = {
-    "float32": Tolerance(scale=1e-4, rel=1e-3, mask_agreement=0.999),
+    "float32": Tolerance(scale=5e-4, rel=1e-3, mask_agreement=0.999),
     "float16": Tolerance(scale=2e-2, rel=2e-2, mask_agreement=0.99),
     "bfloat16": Tolerance(scale=5e-2, rel=5e-2, mask_agreement=0.98),
 }

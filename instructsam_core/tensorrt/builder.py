@@ -90,6 +90,8 @@ def build_engine(onnx_path: str | os.PathLike, profiles: tuple[InputProfile, ...
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
     config = builder.create_builder_config()
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default; it rounds fp32 GEMMs to 10 mantissa bits
     if not strongly_typed and precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
     elif not strongly_typed and precision == "bf16":

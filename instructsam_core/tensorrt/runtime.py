@@ -35,6 +35,12 @@ if hasattr(trt.DataType, "BF16"):
     _TORCH_DTYPES[trt.DataType.BF16] = torch.bfloat16
 
 
+def _torch_dtype(name: str, dtype) -> torch.dtype:
+    if dtype not in _TORCH_DTYPES:
+        raise ValueError(f"engine tensor {name} has type {dtype}, which this runtime does not bind")
+    return _TORCH_DTYPES[dtype]
+
+
 class TensorRtEngine:
     """One deserialized engine and its execution context on a CUDA device.
 
@@ -63,7 +69,7 @@ class TensorRtEngine:
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = [n for n in names if is_input[n]]
         self.output_names = [n for n in names if not is_input[n]]
-        self.dtypes = {n: _TORCH_DTYPES[self.engine.get_tensor_dtype(n)] for n in names}
+        self.dtypes = {n: _torch_dtype(n, self.engine.get_tensor_dtype(n)) for n in names}
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, device: torch.device | str | int = "cuda") -> "TensorRtEngine":
