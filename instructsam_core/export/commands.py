@@ -93,7 +93,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_parity(args: argparse.Namespace) -> int:
     import torch
 
-    from ..build import resolve_dtype
+    from ..build import resolve_device, resolve_dtype
     from .manifest import Manifest, model_hash
     from .parity import check_parity, parity_cases
 
@@ -101,6 +101,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     try:
         manifest = Manifest.read(args.onnx)
         manifest.verify_files(args.onnx, args.parts)
+        device = resolve_device(args.device or ("cuda" if args.runner == "tensorrt" else "cpu"))
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from err
     source = args.checkpoint or manifest.source
@@ -108,8 +109,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
     if model_hash(model) != manifest.model_hash:
         raise SystemExit(f"error: {source} is not the model {args.onnx} was exported from (their weights' hashes "
                          f"differ); pass the checkpoint it was exported from ({manifest.source})")
-    runner = _runner(args, manifest, progress)
-    device = torch.device(args.device or ("cuda" if args.runner == "tensorrt" else "cpu"))
+    try:
+        runner = _runner(args, manifest, progress)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
     reference_dtype = resolve_dtype(args.reference_dtype, device)
     model.to(device=device, dtype=reference_dtype)
     precision = str(reference_dtype).removeprefix("torch.")
@@ -131,10 +134,7 @@ def _runner(args: argparse.Namespace, manifest, progress: _Progress):
     if args.runner == "onnxruntime":
         from .onnxruntime_runner import OnnxRuntimeRunner
 
-        try:
-            return OnnxRuntimeRunner(args.onnx, device=args.device or "cpu")
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from err
+        return OnnxRuntimeRunner(args.onnx, device=args.device or "cpu")
     _require_tensorrt()
     from ..tensorrt.cache import EngineCache
     from ..tensorrt.runtime import TensorRtEngine, TensorRtRunner

@@ -142,6 +142,12 @@ def test_a_changed_graph_file_is_refused(exported, tmp_path):
         _run_cli(["parity", "--onnx", str(folder)])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_parity_on_a_missing_gpu_is_a_clear_error(exported):
+    with pytest.raises(SystemExit, match="CUDA is not available on this machine"):
+        _run_cli(["parity", "--onnx", str(exported[0]), "--device", "cuda"])
+
+
 def test_manifest_round_trips_and_names_what_is_missing(exported):
     manifest = Manifest.read(exported[0])
     data = manifest.to_dict()
