@@ -53,9 +53,6 @@ class GraphEntry:
     axes: dict[str, AxisRange]
     export_sizes: dict[str, int]
 
-    def axis_names(self) -> list[str]:
-        return list(self.axes)
-
 
 @dataclass
 class Manifest:
