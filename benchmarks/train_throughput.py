@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| preset | device | batch x accum | seq len | step (s) | samples/s | tokens/s | peak GiB |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {args.preset} | {report['device_name']} | {args.batch_size} x {args.grad_accum} | {seq_len} | "
-          f"{mean_step:.3f} | {report['samples_per_s']:.2f} | {report['tokens_per_s']:.0f} | {report['peak_gib']:.2f} |")
+          f"{mean_step:.3f} | {report['samples_per_s']:.2f} | {report['tokens_per_s']:.0f} | "
+          f"{report['peak_gib']:.2f} |")
     write_text_atomic(args.out, json.dumps(report, indent=1))
     return 0
 

@@ -175,7 +175,8 @@ def restore_rank(path: Path, meta: dict, rank: int = 0) -> TrainingState:
                               f"process {rank} has no state in it")
     tensors = load_file(str(Path(path) / "rng.safetensors"))
     if rank == 0:
-        own, sampler, plain = {k: v for k, v in tensors.items() if not k.startswith("rank")}, meta["sampler"], meta["rng"]
+        own = {k: v for k, v in tensors.items() if not k.startswith("rank")}
+        sampler, plain = meta["sampler"], meta["rng"]
     else:
         prefix = f"rank{rank}."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

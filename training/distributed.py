@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ from torch import nn
 from instructsam_core.build import resolve_device
 from instructsam_core.checkpoint import CheckpointError
 
-log = logging.getLogger(__name__)
 STRATEGIES = ("ddp", "fsdp")
 # Blocks FSDP2 shards one at a time (each all-gathered only while it runs): the LLM's
 # decoder layers, the Qwen3-VL vision blocks, SAM3's ViT layers.
@@ -123,7 +121,8 @@ def wrap(model: nn.Module, strategy: str, procs: Processes, device: torch.device
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(device.type, (procs.world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
     for module in model.modules():
         if type(module).__name__ in SHARDED_BLOCKS:
             fully_shard(module, mesh=mesh, mp_policy=policy)

@@ -21,7 +21,7 @@ from training.datasets.reasonseg import read_reasonseg_folder
 from training.datasets.refer import read_refer
 from training.eval.masks import DataError, decode_instances
 from training.eval.readers import FormatError
-from training.eval.synthetic import (_polygon, rect_mask, write_grefcoco_official, write_instructsam,
+from training.eval.synthetic import (rect_polygon, rect_mask, write_grefcoco_official, write_instructsam,
                                      write_reasonseg_lisa, write_refer)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
@@ -49,7 +49,7 @@ def test_release_json_gives_one_question_per_annotation(tmp_path, caplog):
     assert np.array_equal(gt("the red mug").instances, rect_mask(SIZE, a)[None])
     vase = gt("vase").instances  # two polygon instances, as JSON strings
     assert vase.shape == (2, *SIZE)
-    assert np.array_equal(vase[0], decode_instances([_polygon(b)], *SIZE)[0])
+    assert np.array_equal(vase[0], decode_instances([rect_polygon(b)], *SIZE)[0])
     box = gt("EXIT").instances  # [x, y, w, h], clipped to the image
     assert np.array_equal(box[0], rect_mask(SIZE, (50, 40, 63, 47)))
     assert gt("the purple elephant").instances.shape == (0, *SIZE)  # no target
@@ -86,7 +86,7 @@ def test_refer_reads_the_toolkit_pickle_one_sample_per_sentence(tmp_path):
     assert samples[0].instruction == "Can you segment 'left box' in the image?"
     assert samples[0].image == tmp_path / "images/mscoco/images/train2014/COCO_train2014_000000000001.jpg"
     gt = samples[0].load_gt()
-    assert np.array_equal(gt.instances, np.stack(decode_instances([_polygon((2, 2, 12, 12))], *SIZE)))
+    assert np.array_equal(gt.instances, np.stack(decode_instances([rect_polygon((2, 2, 12, 12))], *SIZE)))
     assert [s.text for s in read_refer(refs, "val")] == ["top right box"]
     with pytest.raises(FormatError, match="no refs of split 'testA'; it has train, val"):
         read_refer(refs, "testA")

@@ -152,13 +152,16 @@ def test_instructsam_train_under_torchrun_stops_resumes_across_strategies_and_dd
     assert meta_a["optimizer_param_groups"] == meta_b["optimizer_param_groups"]
     assert meta_a["world_size"] == 2 and len(meta_a["ranks"]) == 1
     # 4 samples, 2 per process and step: every step an epoch; each process at its own position
-    assert meta_a["sampler"] == {"epoch": 3, "position": 4} and meta_a["ranks"][0]["sampler"] == {"epoch": 3, "position": 5}
+    assert meta_a["sampler"] == {"epoch": 3, "position": 4}
+    assert meta_a["ranks"][0]["sampler"] == {"epoch": 3, "position": 5}
     assert "rank1.torch_cpu" in load_file(str(ckpt_a / "rng.safetensors"))
 
     for run in (resumed, ddp):  # the stage's result (FSDP2: from the checkpoint; DDP: the replica) loads
         assert not Segmenter.from_pretrained(str(run / "final"), device="cpu").is_untrained
-    fa, fb = load_file(str(resumed / "final" / "model.safetensors")), load_file(str(ddp / "final" / "model.safetensors"))
-    assert fa.keys() == fb.keys()
+    finals = [load_file(str(run / "final" / "model.safetensors")) for run in (resumed, ddp)]
+    assert finals[0].keys() == finals[1].keys()
+    for key, tensor in finals[0].items():  # the same weights, LoRA merged either way
+        torch.testing.assert_close(tensor, finals[1][key], rtol=1e-3, atol=1e-5, msg=key)
 
     # a resume on another number of processes is refused, saying why
     single = subprocess.run([sys.executable, "-m", "training.train", *_train_args(data, ddp)],

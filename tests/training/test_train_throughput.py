@@ -1,10 +1,9 @@
 """The training-throughput benchmark runs end to end on the tiny model (no timing asserted)."""
 
 import json
-from pathlib import Path
-
 import runpy
 import sys
+from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "train_throughput.py"
 

@@ -96,7 +96,7 @@ def read_reasonseg_folder(folder: Path) -> list[Sample]:
         texts = field_of(anno, "text", where=str(path))
         texts = texts if isinstance(texts, list) else [texts]
         is_sentence = bool(anno.get("is_sentence", False))
-        size = (int(anno["imageHeight"]), int(anno["imageWidth"])) if "imageHeight" in anno and "imageWidth" in anno else None
+        size = (int(anno["imageHeight"]), int(anno["imageWidth"])) if {"imageHeight", "imageWidth"} <= set(anno) else None
         load = _polygon_gt(field_of(anno, "shapes", where=str(path)), size, image)
         for k, question in enumerate(texts):
             text = strip_quotes(question)

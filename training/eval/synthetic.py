@@ -205,7 +205,7 @@ def write_grefcoco_scenes(root: Path, name: str = "grefcoco_train.json", n: int 
 
 # ---- training datasets in their official files (training/datasets readers) ----------------
 
-def _polygon(rect: Rect) -> list[float]:
+def rect_polygon(rect: Rect) -> list[float]:
     """A rectangle as a COCO polygon [x1, y1, x2, y1, x2, y2, x1, y2] (pixel corners)."""
     x1, y1, x2, y2 = rect
     return [float(x1), float(y1), float(x2 + 1), float(y1), float(x2 + 1), float(y2 + 1), float(x1), float(y2 + 1)]
@@ -224,9 +224,10 @@ def write_instructsam(root: Path, name: str = "training/refcoco.json", size: tup
     a, b, c = (2, 2, 12, 12), (30, 20, 45, 35), (50, 5, 60, 15)
     records = [
         {"image": "images/0.png", "height": h, "width": w, "annotation": [
-            {"type": "phrase", "text": "The red mug.", "ann_type": "mask", "ann": [json.dumps(rle_encode(rect_mask(size, a)))]},
+            {"type": "phrase", "text": "The red mug.", "ann_type": "mask",
+             "ann": [json.dumps(rle_encode(rect_mask(size, a)))]},
             {"type": "sentence", "text": "What holds the flowers?", "category": "Vase", "ann_type": "mask",
-             "ann": [json.dumps([_polygon(b)]), json.dumps([_polygon(c)])]},
+             "ann": [json.dumps([rect_polygon(b)]), json.dumps([rect_polygon(c)])]},
             {"type": "OCR", "text": "EXIT", "ann_type": "bbox", "ann": [json.dumps([50, 40, 20, 20])]},
             {"type": "phrase", "text": "the purple elephant", "ann_type": "mask", "ann": None},
             {"type": "phrase", "text": "the door handle", "ann_type": "point", "ann": [json.dumps([3, 4])]},
@@ -301,8 +302,8 @@ def write_refer(root: Path, dataset: str = "refcoco", size: tuple[int, int] = (4
     names = ["COCO_train2014_000000000001.jpg", "COCO_train2014_000000000002.jpg"]
     for i, file_name in enumerate(names):
         _image(root / "images" / "mscoco" / "images" / "train2014" / file_name, size, seed=600 + i)
-    anns = [{"id": 10 + k, "image_id": 1 if k < 2 else 2, "category_id": 1, "iscrowd": 0, "segmentation": [_polygon(r)],
-             "area": 0.0, "bbox": [0, 0, 1, 1]} for k, r in enumerate(rects)]
+    anns = [{"id": 10 + k, "image_id": 1 if k < 2 else 2, "category_id": 1, "iscrowd": 0,
+             "segmentation": [rect_polygon(r)], "area": 0.0, "bbox": [0, 0, 1, 1]} for k, r in enumerate(rects)]
     images = [{"id": i + 1, "file_name": n, "height": h, "width": w} for i, n in enumerate(names)]
 
     def ref(ref_id, ann_id, image_id, split, sentences):
@@ -330,8 +331,9 @@ def write_grefcoco_official(root: Path, size: tuple[int, int] = (48, 64)) -> Pat
     name = "COCO_train2014_000000000009.jpg"
     _image(root / "images" / "train2014" / name, size, seed=700)
     rects = [(2, 2, 12, 12), (30, 20, 45, 35)]
-    anns = [{"id": 20 + k, "image_id": 9, "category_id": 1, "iscrowd": 0, "segmentation": rle_encode(rect_mask(size, r)),
-             "area": 0.0, "bbox": [0, 0, 1, 1]} for k, r in enumerate(rects)]
+    anns = [{"id": 20 + k, "image_id": 9, "category_id": 1, "iscrowd": 0,
+             "segmentation": rle_encode(rect_mask(size, r)), "area": 0.0, "bbox": [0, 0, 1, 1]}
+            for k, r in enumerate(rects)]
     anns.append({"id": 22, "image_id": 9, "category_id": 1, "iscrowd": 1, "area": 0.0, "bbox": [0, 0, 1, 1],
                  "segmentation": rle_encode(rect_mask(size, (0, 0, 5, 5)))})
 
@@ -366,7 +368,8 @@ def write_reasonseg_lisa(root: Path, size: tuple[int, int] = (48, 64)) -> Path:
                          {"label": "ignore", "points": poly((10, 10, 14, 14))},
                          {"label": "flag", "points": poly((40, 0, 60, 10))}],
               "imageHeight": h, "imageWidth": w},
-        "b": {"text": "the mug", "is_sentence": False, "shapes": [{"label": "target", "points": poly((40, 20, 50, 40))}]},
+        "b": {"text": "the mug", "is_sentence": False,
+              "shapes": [{"label": "target", "points": poly((40, 20, 50, 40))}]},
     }
     for i, (stem, anno) in enumerate(annotations.items()):
         folder.mkdir(parents=True, exist_ok=True)
