@@ -12,6 +12,12 @@ The frozen weights are not stored: they are rebuilt from the run's `model.init`.
 appears under its final name only once complete (`fileio.atomic_directory`), so a run
 killed at any moment, also during a write, resumes from the last complete checkpoint;
 half-written folders (hidden names) are removed on the next start.
+
+A distributed run writes the same files, from its first process, with the full (gathered)
+tensors: a checkpoint of N processes differs from one process's only in that state.json
+also holds `world_size` and, for processes 1..N-1, their sampler positions and Python and
+numpy generator states (`ranks`), and rng.safetensors their torch generators
+(`rank<r>.torch_cpu`, ...).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +40,21 @@ STEP_PREFIX = "step-"
 
 @dataclass
 class TrainingState:
-    """What a checkpoint restores besides tensors."""
+    """What a checkpoint restores besides tensors.
+
+    Attributes:
+        step: optimizer steps done.
+        sampler: this process's sampler position.
+        skips: skipped samples by reason (all processes together).
+        world_size: processes of the run.
+        ranks: for processes 1..world_size-1, what `rank_snapshot` returned there.
+    """
 
     step: int
     sampler: dict
     skips: dict[str, int]
+    world_size: int = 1
+    ranks: list[dict] = field(default_factory=list)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -83,7 +99,16 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def rank_snapshot(sampler: dict) -> dict:
+    """A process's own part of a checkpoint (sampler position and generator states), as
+    plain data, for the first process to gather and write."""
+    tensors, plain = _rng_state()
+    return {"sampler": sampler, "rng": plain, "rng_tensors": {k: v.tolist() for k, v in tensors.items()}}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """AdamW's per-parameter tensors keyed `<index>.<slot>` (index: the parameter's place
+    in the groups, in order) and its groups (hyperparameters and indices)."""
     state = optimizer.state_dict()
     tensors = {f"{index}.{key}": value.detach().cpu().contiguous()
                for index, slots in state["state"].items() for key, value in slots.items()
@@ -91,52 +116,94 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, state["param_groups"]
 
 
-def save_training_checkpoint(run_dir: Path, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+def save_training_checkpoint(run_dir: Path, trainable: dict[str, torch.Tensor],
+                             optimizer_state: tuple[dict[str, torch.Tensor], list[dict]],
                              state: TrainingState, keep: int) -> Path:
-    """Write `RUN/checkpoints/step-NNNNNN` (NNNNNN = `state.step`) atomically, then keep only the newest `keep`."""
+    """Write `RUN/checkpoints/step-NNNNNN` (NNNNNN = `state.step`) atomically, then keep only
+    the newest `keep`. `optimizer_state` is what `optimizer_tensors` returns (for sharded
+    runs, the same gathered in full)."""
     target = Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{state.step:06d}"
-    opt_tensors, param_groups = _optimizer_tensors(optimizer)
+    opt_tensors, param_groups = optimizer_state
     rng_tensors, rng_plain = _rng_state()
+    meta = {"step": state.step, "sampler": state.sampler, "skips": state.skips,
+            "optimizer_param_groups": param_groups, "rng": rng_plain}
+    if state.world_size > 1:
+        meta["world_size"] = state.world_size
+        meta["ranks"] = [{"sampler": r["sampler"], "rng": r["rng"]} for r in state.ranks]
+        for rank, snapshot in enumerate(state.ranks, start=1):
+            rng_tensors.update({f"rank{rank}.{k}": torch.tensor(v, dtype=torch.uint8)
+                                for k, v in snapshot["rng_tensors"].items()})
     with atomic_directory(target) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({
-            "step": state.step, "sampler": state.sampler, "skips": state.skips,
-            "optimizer_param_groups": param_groups, "rng": rng_plain}, indent=1), encoding="utf-8")
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     for old in checkpoint_dirs(run_dir)[:-max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def load_training_checkpoint(path: Path, model: torch.nn.Module,
-                             optimizer: torch.optim.Optimizer | None = None) -> TrainingState:
-    """Restore trained parameters from `path`; returns the rest of its state.
+def read_meta(path: Path) -> dict:
+    """A checkpoint's state.json."""
+    return json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
 
-    With an `optimizer` (resuming), its state and the generators are restored too; without
-    one (merging the weights into a release), only the parameters. Strict: every trainable
-    parameter must be in the file and nothing else.
-    """
+
+def read_trainable(path: Path, wanted: set[str]) -> dict[str, torch.Tensor]:
+    """The trained parameters of a checkpoint; strict: exactly the names in `wanted`."""
     path = Path(path)
-    params = dict(model.named_parameters())
     trainable = load_file(str(path / "trainable.safetensors"))
-    wanted = {n for n, p in params.items() if p.requires_grad}
     missing, unexpected = sorted(wanted - set(trainable)), sorted(set(trainable) - wanted)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match the model being trained: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]} (was it made with another config?)")
+                              f"unexpected {unexpected[:3]} (was it made with another config?)")
+    return trainable
+
+
+def read_optimizer(path: Path, meta: dict) -> dict:
+    """The optimizer state dict of a checkpoint (`torch.optim.Optimizer.load_state_dict`'s form)."""
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(Path(path) / "optimizer.safetensors")).items():
+        index, _, slot = key.partition(".")
+        slots.setdefault(int(index), {})[slot] = tensor
+    return {"state": slots, "param_groups": meta["optimizer_param_groups"]}
+
+
+def restore_rank(path: Path, meta: dict, rank: int = 0) -> TrainingState:
+    """Set this process's generators from a checkpoint; returns the state with its sampler position."""
+    if rank >= int(meta.get("world_size", 1)):
+        raise CheckpointError(f"checkpoint {path} was written by {meta.get('world_size', 1)} process(es); "
+                              f"process {rank} has no state in it")
+    tensors = load_file(str(Path(path) / "rng.safetensors"))
+    if rank == 0:
+        own = {k: v for k, v in tensors.items() if not k.startswith("rank")}
+        sampler, plain = meta["sampler"], meta["rng"]
+    else:
+        prefix = f"rank{rank}."
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        sampler, plain = meta["ranks"][rank - 1]["sampler"], meta["ranks"][rank - 1]["rng"]
+    _set_rng_state(own, plain)
+    return TrainingState(step=int(meta["step"]), sampler=sampler, skips=meta["skips"] if rank == 0 else {},
+                         world_size=int(meta.get("world_size", 1)))
+
+
+def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                             rank: int = 0) -> TrainingState:
+    """Restore trained parameters from `path`; returns the rest of its state.
+
+    With an `optimizer` (resuming), its state and process `rank`'s generators are restored
+    too; without one (merging the weights into a release), only the parameters. Strict:
+    every trainable parameter must be in the file and nothing else. (Sharded models:
+    `training.distributed.load_sharded`.)
+    """
+    path = Path(path)
+    params = dict(model.named_parameters())
+    trainable = read_trainable(path, {n for n, p in params.items() if p.requires_grad})
     with torch.no_grad():
         for name, tensor in trainable.items():
             params[name].copy_(tensor)
-    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    state = TrainingState(step=int(meta["step"]), sampler=meta["sampler"], skips=meta["skips"])
+    meta = read_meta(path)
     if optimizer is None:
-        return state
-    opt_tensors = load_file(str(path / "optimizer.safetensors"))
-    slots: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in opt_tensors.items():
-        index, _, slot = key.partition(".")
-        slots.setdefault(int(index), {})[slot] = tensor
-    optimizer.load_state_dict({"state": slots, "param_groups": meta["optimizer_param_groups"]})
-    _set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
-    return state
+        return TrainingState(step=int(meta["step"]), sampler=meta["sampler"], skips=meta["skips"],
+                             world_size=int(meta.get("world_size", 1)))
+    optimizer.load_state_dict(read_optimizer(path, meta))
+    return restore_rank(path, meta, rank)

@@ -29,12 +29,18 @@ class DatasetSpec:
     """One training or validation dataset of a data mix.
 
     Attributes:
-        kind: "roborefit" (the benchmark's formats: official layout, QA, plain, frames)
-            or "grefcoco" (the official gRefCOCO JSON: per image, expressions with 0..N
-            instances each).
-        path: the question file, or for "roborefit" the data root holding final_dataset/.
-        data_root: root of the relative paths in `path` (default: the file's folder).
-        split: RoboRefIt split read from the official layout when `path` is a data root.
+        kind: the file format (`training.datasets`): "roborefit" (the benchmark's formats:
+            official layout, QA, plain, frames), "grefcoco" (the release's gRefCOCO JSON:
+            per image, expressions with 0..N instances each), "instructsam" (the release's
+            training annotation JSONs), "refer" (refs(unc).p + instances.json: RefCOCO,
+            RefCOCO+, RefCOCOg, RefCLEF), "grefer" (gRefCOCO's grefs(unc).json +
+            instances.json) or "reasonseg" (LISA's ReasonSeg split folder).
+        path: the file (or folder) to read; for "roborefit" also the data root holding
+            final_dataset/.
+        data_root: root of the relative image paths in `path` (default: the kind's own,
+            e.g. the file's folder).
+        split: the split to read where a file or layout holds several (RoboRefIt's
+            official layout, refer/grefer refs).
         repeat: how many times the dataset appears in one epoch (the release's factor).
     """
 
@@ -46,11 +52,28 @@ class DatasetSpec:
 
 
 @dataclass
+class MixFile:
+    """A data mix file (`training/configs/mixes/`): a stage's datasets and repeat factors,
+    like the release's stage lists."""
+
+    datasets: list[DatasetSpec] = field(default_factory=list)
+
+
+@dataclass
 class DataConfig:
     """What the model sees."""
 
     train: list[DatasetSpec] = field(default_factory=list)
     val: list[DatasetSpec] = field(default_factory=list)
+    # A mix file whose datasets are added to `train` when the configuration is loaded (a
+    # relative path: from the folder of the config file that names it, or of the working
+    # directory when given as an override); the resolved configuration lists them itself.
+    mix: str = ""
+    # Folder the datasets' relative `path`s and `data_root`s are below ("": the working directory).
+    root: str = ""
+    # Questions about one image asked as the turns of one conversation (the release: up to
+    # 10; one image encode serves them all); 1: one sample per question.
+    max_turns: int = 1
     # Ground-truth masks are resized (nearest) to SAM3's mask resolution: 288 at 1008 px.
     mask_size: int = 288
     shuffle: bool = True
@@ -154,6 +177,10 @@ class LoopConfig:
     stop_after: int = 0  # stop (with a checkpoint) after this step, schedule unchanged; 0 = never
     progress: bool = True
     tensorboard: bool = True
+    # How several processes (torchrun) share the work: "ddp" (each holds the whole model,
+    # gradients averaged) or "fsdp" (FSDP2: parameters, gradients and optimizer state
+    # sharded, for memory at 2B). One process ignores it.
+    strategy: str = "ddp"
 
 
 @dataclass
@@ -260,20 +287,33 @@ def config_from_dict(data: dict) -> TrainConfig:
     return _build(TrainConfig, data or {}, "")
 
 
+def _read_yaml(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_mix(path: str | Path) -> list[DatasetSpec]:
+    """The datasets of a mix file, typed and checked like the configuration."""
+    path = Path(path)
+    try:
+        return _build(MixFile, _read_yaml(path, "mix file"), "").datasets
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """A YAML file (or the defaults) with `key=value` overrides applied, typed and checked."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    """A YAML file (or the defaults) with `key=value` overrides applied, typed and checked;
+    a `data.mix` file's datasets are added to `data.train`."""
+    data: dict = _read_yaml(Path(path), "config file") if path is not None else {}
     merged = config_from_dict(data).to_dict()  # defaults filled in, so overrides reach them
+    mix_base = Path(path).parent if path is not None else Path()
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -286,7 +326,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             _set_path(merged, key, value)
         except (IndexError, ValueError, AttributeError, TypeError) as err:
             raise ConfigError(f"override {item!r}: no such key") from err
-    return config_from_dict(merged)
+        if key == "data.mix":
+            mix_base = Path()
+    cfg = config_from_dict(merged)
+    if cfg.data.mix:
+        cfg.data.train = load_mix(mix_base / cfg.data.mix) + cfg.data.train
+        cfg.data.mix = ""
+    return cfg
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

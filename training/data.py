@@ -1,24 +1,27 @@
-"""Training data: samples from the benchmarks' readers, a resumable sampler over a data mix,
-and collation into the model's training-consistent inputs.
+"""Training data: questions from the datasets' readers, grouped into conversations, a
+resumable (and rank-aware) sampler over a data mix, and collation into the model's
+training-consistent inputs.
 
-A training sample is an image, an instruction, and one or more target phrases, each with
-0..N instance masks (no-target allowed). The answer the model learns is the release's:
+A training sample is an image and one or more questions about it (the turns of one
+conversation), each with one or more target phrases, each phrase with 0..N instance
+masks (no-target allowed). The answer the model learns to each question is the release's:
 
     <|object_ref_start|>phrase<|object_ref_end|><|mask_start|>[SEG]xK<|mask_end|>, ... <|im_end|>
 
-Datasets are read by the benchmarks' own readers (RoboRefIt in all its formats, gRefCOCO's
-JSON), so the files a user evaluates on are the files they can train on. A sample that
-cannot be used (unreadable image, a mask of another size than the image, an empty
-instruction, a missing file) is skipped with a counted reason; the run goes on.
+Datasets are read by `training.datasets` (the benchmarks' own readers where they
+overlap), so the files a user evaluates on are the files they can train on. With
+`data.max_turns` above 1, the questions about one image become the turns of one
+conversation (the release asks up to 10 per sequence: one image encode serves them all).
+A sample that cannot be used (unreadable image, a mask of another size than the image, an
+empty instruction, a missing file) is skipped with a counted reason; the run goes on.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,13 +31,12 @@ from instructsam_core.config import InstructSamConfig
 from instructsam_core.processing import build_prompt_ids, encode_text, load_rgb, preprocess_sam, preprocess_vlm
 from instructsam_core.tokens import TokenIds
 from training.config import DatasetSpec
+from training.datasets import GtLoader, Question, read_questions, resolve
 from training.eval.masks import DataError
-from training.eval.samples import GroundTruth, Sample
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of positions that are no target of the text loss
-DATASET_KINDS = ("roborefit", "grefcoco")
 
 
 @dataclass
@@ -46,49 +48,61 @@ class PhraseTarget:
 
 
 @dataclass
-class TrainSample:
-    """One loaded training sample."""
+class Turn:
+    """A later question of a conversation and the phrases its answer names."""
 
-    sample_id: str
-    image: np.ndarray  # (H, W, 3) uint8, upright
     instruction: str
     phrases: list[PhraseTarget]
 
 
 @dataclass
+class TrainSample:
+    """One loaded training sample: the first question, then `followups` on the same image."""
+
+    sample_id: str
+    image: np.ndarray  # (H, W, 3) uint8, upright
+    instruction: str
+    phrases: list[PhraseTarget]
+    followups: list[Turn] = field(default_factory=list)
+
+
+@dataclass
 class SampleSource:
-    """A sample as a dataset lists it, loaded only when drawn."""
+    """A sample as a dataset lists it, loaded only when drawn: its first question (and
+    `followups`, the later turns of its conversation)."""
 
     sample_id: str
     image: Path
     instruction: str
-    phrases: list[tuple[str, Callable[[], GroundTruth] | None]]
-    error: str | None = None  # known at read time (e.g. an empty expression)
+    phrases: list[tuple[str, GtLoader | None]]
+    error: str | None = None  # "reason: detail", known at read time (e.g. an empty expression)
+    followups: list[Question] = field(default_factory=list)
 
 
-def read_dataset(spec: DatasetSpec) -> list[SampleSource]:
-    """The samples of one dataset of the mix (a referring expression = one phrase)."""
-    path = Path(spec.path)
-    root = Path(spec.data_root) if spec.data_root else None
-    if spec.kind == "roborefit":
-        from training.eval.roborefit import read_roborefit, roborefit_official_file
+def read_dataset(spec: DatasetSpec, root: str | Path = "", max_turns: int = 1) -> list[SampleSource]:
+    """The samples of one dataset of the mix: its questions, those about one image grouped
+    into conversations of up to `max_turns` turns (1: one sample per question). Relative
+    paths of `spec` are below `root` when one is given."""
+    if max_turns < 1:
+        raise ValueError(f"data.max_turns must be at least 1, got {max_turns}")
+    path = resolve(root, spec.path)
+    data_root = resolve(root, spec.data_root) if spec.data_root else None
+    questions = read_questions(spec.kind, path, data_root, spec.split)
+    name = Path(spec.path).name
+    if max_turns == 1:
+        return [_source(name, [q]) for q in questions]
+    by_image: dict[str, list[Question]] = {}
+    for q in questions:
+        by_image.setdefault(q.key, []).append(q)
+    return [_source(name, group[i:i + max_turns]) for group in by_image.values()
+            for i in range(0, len(group), max_turns)]
 
-        if path.is_dir() and (path / "final_dataset").is_dir():
-            samples = read_roborefit(roborefit_official_file(path, spec.split), path, "official")
-        else:
-            samples = read_roborefit(path, root)
-    elif spec.kind == "grefcoco":
-        from training.eval.grefcoco import read_grefcoco
 
-        samples = read_grefcoco(path, root or path.parent)
-    else:
-        raise ValueError(f"unknown dataset kind {spec.kind!r}; known: {', '.join(DATASET_KINDS)}")
-    return [_source(spec, s) for s in samples]
-
-
-def _source(spec: DatasetSpec, sample: Sample) -> SampleSource:
-    return SampleSource(sample_id=f"{Path(spec.path).name}:{sample.sample_id}", image=sample.image,
-                        instruction=sample.instruction, phrases=[(sample.text, sample.load_gt)], error=sample.error)
+def _source(name: str, turns: list[Question]) -> SampleSource:
+    first = turns[0]
+    sample_id = f"{name}:{first.question_id}" + (f"+{len(turns) - 1}" if len(turns) > 1 else "")
+    return SampleSource(sample_id=sample_id, image=first.image, instruction=first.instruction,
+                        phrases=first.phrases, error=first.error, followups=turns[1:])
 
 
 class SkipLog:
@@ -103,40 +117,71 @@ class SkipLog:
         self.counts[reason] += 1
 
 
-def load_sample(source: SampleSource, max_instances: int, skips: SkipLog) -> TrainSample:
-    """Read a sample's image and masks. Raises DataError (with a short reason as its
-    first word) when the sample cannot be used; more than `max_instances` instances of a
-    phrase keeps the largest ones and is counted."""
-    if source.error:
-        raise DataError(f"bad_text: {source.error}")
-    if not source.instruction.strip():
-        raise DataError("bad_text: empty instruction")
-    try:
-        image = load_rgb(source.image)
-    except FileNotFoundError as err:
-        raise DataError(f"missing_file: {err}") from err
-    except ValueError as err:
-        raise DataError(f"bad_image: {err}") from err
-    phrases = []
-    for text, load_gt in source.phrases:
-        if not text.strip():
-            raise DataError("bad_text: empty phrase")
+def _text_error(instruction: str, phrases: list, error: str | None) -> str | None:
+    if error:
+        return error
+    if not instruction.strip():
+        return "bad_text: empty instruction"
+    if any(not text.strip() for text, _ in phrases):
+        return "bad_text: empty phrase"
+    return None
+
+
+def _load_phrases(phrases: list[tuple[str, GtLoader | None]], image_shape: tuple[int, int], sample_id: str,
+                  max_instances: int, skips: SkipLog) -> list[PhraseTarget]:
+    out = []
+    for text, load_gt in phrases:
         if load_gt is None:
             raise DataError("no_gt: the sample has no ground-truth masks")
         try:
             gt = load_gt()
         except DataError as err:
             raise DataError(f"bad_mask: {err}") from err
-        if tuple(gt.size) != image.shape[:2]:
+        if tuple(gt.size) != image_shape:
             raise DataError(f"bad_mask: GT mask is {gt.size[0]}x{gt.size[1]} but the image is "
-                            f"{image.shape[0]}x{image.shape[1]}")
+                            f"{image_shape[0]}x{image_shape[1]}")
         masks = gt.instances
         if len(masks) > max_instances:
-            skips.add("instances_over_k", f"{source.sample_id}: '{text}' has {len(masks)} instances, more than "
+            skips.add("instances_over_k", f"{sample_id}: '{text}' has {len(masks)} instances, more than "
                       f"the {max_instances} query slots; the {max_instances} largest are kept")
             masks = masks[np.argsort(-masks.reshape(len(masks), -1).sum(1), kind="stable")[:max_instances]]
-        phrases.append(PhraseTarget(text=text.strip(), masks=masks))
-    return TrainSample(source.sample_id, image, source.instruction, phrases)
+        out.append(PhraseTarget(text=text.strip(), masks=masks))
+    return out
+
+
+def load_sample(source: SampleSource, max_instances: int, skips: SkipLog) -> TrainSample:
+    """Read a sample's image and masks. Raises DataError (with a short reason as its
+    first word) when the sample cannot be used; more than `max_instances` instances of a
+    phrase keeps the largest ones and is counted. A later turn that cannot be used is
+    dropped and counted; the first one fails the sample."""
+    error = _text_error(source.instruction, source.phrases, source.error)
+    if error:
+        raise DataError(error)
+    try:
+        image = load_rgb(source.image)
+    except FileNotFoundError as err:
+        raise DataError(f"missing_file: {err}") from err
+    except ValueError as err:
+        raise DataError(f"bad_image: {err}") from err
+    shape = image.shape[:2]
+    phrases = _load_phrases(source.phrases, shape, source.sample_id, max_instances, skips)
+    turns = []
+    for q in source.followups:
+        if _drop(q, _text_error(q.instruction, q.phrases, q.error), skips):
+            continue
+        try:
+            turns.append(Turn(q.instruction, _load_phrases(q.phrases, shape, source.sample_id, max_instances, skips)))
+        except DataError as err:
+            _drop(q, str(err), skips)
+    return TrainSample(source.sample_id, image, source.instruction, phrases, turns)
+
+
+def _drop(question: Question, error: str | None, skips: SkipLog) -> bool:
+    """Count a later turn that cannot be used (True: drop it)."""
+    if error:
+        reason, _, _ = error.partition(":")
+        skips.add(reason, f"a question of {question.image.name} dropped: {error}")
+    return bool(error)
 
 
 # ---- sampling ---------------------------------------------------------------------------
@@ -146,17 +191,25 @@ class MixSampler:
     say (and restore) exactly where it is, so a resumed run sees what it would have seen.
 
     Each dataset appears `repeat` times per epoch; with `shuffle`, epoch e's order is a
-    permutation drawn from `seed + e`.
+    permutation drawn from `seed + e`. Under distributed training every process holds the
+    same order and process `rank` of `world_size` draws its positions rank, rank +
+    world_size, ... (one process: every position, as before); each process's position is
+    its own, and a checkpoint keeps them all.
     """
 
-    def __init__(self, datasets: list[tuple[list[SampleSource], int]], seed: int, shuffle: bool = True):
+    def __init__(self, datasets: list[tuple[list[SampleSource], int]], seed: int, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
         self.sources = [s for sources, repeat in datasets for _ in range(repeat) for s in sources]
         if not self.sources:
             raise ValueError("the training mix is empty: no dataset listed any sample")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of the {world_size} processes")
         self.seed = seed
         self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
-        self.position = 0
+        self.position = rank
         self._order = self._epoch_order()
 
     def __len__(self) -> int:
@@ -167,13 +220,18 @@ class MixSampler:
         return np.random.default_rng(self.seed + self.epoch).permutation(n) if self.shuffle else np.arange(n)
 
     def next(self) -> SampleSource:
-        if self.position >= len(self.sources):
-            self.epoch += 1
-            self.position = 0
+        n = len(self.sources)
+        if self.position >= n:  # past the epoch's end: on into the next one(s)
+            self.epoch += self.position // n
+            self.position %= n
             self._order = self._epoch_order()
         source = self.sources[int(self._order[self.position])]
-        self.position += 1
+        self.position += self.world_size
         return source
+
+    def restart(self) -> None:
+        """Back to this process's first position of epoch 0 (validation passes)."""
+        self.load_state_dict({"epoch": 0, "position": self.rank})
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -250,22 +308,39 @@ def resize_masks(masks: np.ndarray, size: int) -> torch.Tensor:
     return F.interpolate(t, size=(size, size), mode="nearest")[:, 0] > 0.5
 
 
+def _question_ids(tokenizer, instruction: str) -> list[int]:
+    """A later user turn of the conversation, and the assistant's turn opened."""
+    return (encode_text(tokenizer, "\n<|im_start|>user\n") + encode_text(tokenizer, instruction, literal=True)
+            + encode_text(tokenizer, "<|im_end|>\n<|im_start|>assistant\n"))
+
+
 def collate(samples: list[TrainSample], tokenizer, ids: TokenIds, config: InstructSamConfig, mask_size: int,
             text_on_queries: bool = False) -> Batch:
-    """Tokenise, preprocess and pad a list of samples (the training-consistent layout)."""
+    """Tokenise, preprocess and pad a list of samples (the training-consistent layout).
+    A sample's later turns follow its first answer in the same row, the image only in the
+    first; every answer is labelled."""
+
+    def answer_labels(answer: list[int]) -> list[int]:
+        return [IGNORE if (t == ids.seg and not text_on_queries) else t for t in answer]
+
     rows, labels, vlm_pixels, grids, sam, targets = [], [], [], [], [], []
     for sample in samples:
         vlm = preprocess_vlm(sample.image, min_pixels=config.vlm_min_pixels, max_pixels=config.vlm_max_pixels)
         prompt = build_prompt_ids(tokenizer, sample.instruction, vlm.num_tokens, ids)
         answer = answer_ids(tokenizer, ids, [p.text for p in sample.phrases], config.num_queries)
-        row_labels = [IGNORE] * len(prompt) + [
-            IGNORE if (t == ids.seg and not text_on_queries) else t for t in answer]
-        rows.append(prompt + answer)
+        row, row_labels = prompt + answer, [IGNORE] * len(prompt) + answer_labels(answer)
+        targets += [resize_masks(p.masks, mask_size) for p in sample.phrases]
+        for turn in sample.followups:
+            question = _question_ids(tokenizer, turn.instruction)
+            answer = answer_ids(tokenizer, ids, [p.text for p in turn.phrases], config.num_queries)
+            row += question + answer
+            row_labels += [IGNORE] * len(question) + answer_labels(answer)
+            targets += [resize_masks(p.masks, mask_size) for p in turn.phrases]
+        rows.append(row)
         labels.append(row_labels)
         vlm_pixels.append(vlm.pixel_values)
         grids.append(vlm.grid_thw)
         sam.append(preprocess_sam(sample.image, config.sam_image_size))
-        targets += [resize_masks(p.masks, mask_size) for p in sample.phrases]
     length = max(len(r) for r in rows)
     pad = ids.eos[-1]
     input_ids = torch.full((len(rows), length), pad, dtype=torch.long)

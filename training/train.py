@@ -1,6 +1,8 @@
-"""Two-stage InstructSAM training on one process; `train(cfg)` reads top to bottom.
+"""Two-stage InstructSAM training, on one process or on several under torchrun;
+`train(cfg)` reads top to bottom.
 
     instructsam-train --config training/configs/stage1.yaml loop.out_dir=runs/stage1
+    torchrun --nproc-per-node 8 -m training.train --config training/configs/stage1.yaml loop.grad_accum=4
     instructsam-train merge runs/stage1 runs/stage1-merged         # LoRA into the weights
     instructsam-train --config training/configs/stage2.yaml model.checkpoint=runs/stage1/final
     instructsam-train params --config training/configs/stage1.yaml # trainable parameters
@@ -32,17 +34,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from instructsam_core.build import BuiltModel, build_model, from_base_models, resolve_device
+from instructsam_core.build import BuiltModel, build_model, from_base_models
 from instructsam_core.checkpoint import CheckpointError, save_checkpoint
 from instructsam_core.fileio import write_text_atomic
-from training.checkpoints import (TrainingState, checkpoint_dirs, load_training_checkpoint, remove_partial,
-                                  save_training_checkpoint)
+from training import distributed
+from training.checkpoints import (TrainingState, checkpoint_dirs, load_training_checkpoint, optimizer_tensors,
+                                  rank_snapshot, read_meta, remove_partial, save_training_checkpoint)
 from training.config import ConfigError, LoopConfig, ModelConfig, OptimConfig, TrainConfig, load_config, save_config
 from training.data import Batch, MixSampler, SkipLog, collate, next_samples, read_dataset
+from training.distributed import Processes
 from training.eval.readers import FormatError
 from training.initialization import INIT_SCHEMES, fan_in_init
 from training.losses import mask_losses, semantic_losses, text_loss
-from training.parameters import GROUPS, apply_lora, detailed_counts, group_counts, merge_lora, set_trainable
+from training.parameters import (GROUPS, apply_lora, detailed_counts, group_counts, merge_lora, parameter_groups,
+                                 set_trainable)
 
 log = logging.getLogger("instructsam.train")
 # What must not change between a run and its resume: the recipe, and the loop settings that
@@ -106,12 +111,16 @@ def lr_factor(step: int, total: int, warmup_ratio: float, schedule: str) -> floa
     raise ConfigError(f"optim.schedule must be cosine, linear or constant, got {schedule!r}")
 
 
-def autocast(device: torch.device, amp: str):
-    """bf16 autocast on GPUs ("auto"/"bf16"), nothing on the CPU."""
-    use = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+def uses_bf16(device: torch.device, amp: str) -> bool:
+    """Whether `loop.amp` computes in bf16 on `device` ("auto": on GPUs)."""
     if amp not in ("auto", "bf16", "none"):
         raise ConfigError(f"loop.amp must be auto, bf16 or none, got {amp!r}")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
+    return amp == "bf16" or (amp == "auto" and device.type == "cuda")
+
+
+def autocast(device: torch.device, amp: str):
+    """bf16 autocast on GPUs ("auto"/"bf16"), nothing on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, amp) else contextlib.nullcontext()
 
 
 def forward_losses(model, batch: Batch, cfg: TrainConfig, amp_context) -> tuple[torch.Tensor, dict, list[float]]:
@@ -144,13 +153,16 @@ def forward_losses(model, batch: Batch, cfg: TrainConfig, amp_context) -> tuple[
 
 
 @torch.no_grad()
-def evaluate(model, sampler: MixSampler, cfg: TrainConfig, tokenizer, device, amp_context) -> dict:
-    """Mean loss parts and matched-mask IoU over `loop.eval_batches` validation batches."""
+def evaluate(model, sampler: MixSampler, cfg: TrainConfig, tokenizer, device, amp_context,
+             procs: Processes = Processes()) -> dict:
+    """Mean loss parts and matched-mask IoU over `loop.eval_batches` validation batches
+    (shared among the processes, each taking every world_size-th sample)."""
     model.eval()
-    sampler.load_state_dict({"epoch": 0, "position": 0})
+    sampler.restart()
     sums: Counter[str] = Counter()
     ious: list[float] = []
     batches = min(cfg.loop.eval_batches, math.ceil(len(sampler) / cfg.loop.batch_size))
+    batches = math.ceil(batches / procs.world_size)  # per process; all run as many (FSDP2 gathers together)
     for _ in range(batches):
         samples = next_samples(sampler, cfg.loop.batch_size, model.config.num_queries, SkipLog())
         batch = collate(samples, tokenizer, model.token_ids, model.config, cfg.data.mask_size,
@@ -160,9 +172,18 @@ def evaluate(model, sampler: MixSampler, cfg: TrainConfig, tokenizer, device, am
         sums["loss"] += float(total)
         ious += batch_ious
     model.train()
-    out = {k: v / batches for k, v in sums.items()}
-    out["mask_iou"] = float(np.mean(ious)) if ious else float("nan")
+    out = distributed.mean_over({k: v / batches for k, v in sums.items()}, procs)
+    iou = pooled_mean(ious, procs)
+    out["mask_iou"] = float("nan") if iou is None else iou
     return out
+
+
+def pooled_mean(values: list[float], procs: Processes) -> float | None:
+    """The mean of all processes' values together (None when there are none)."""
+    if not procs.distributed:
+        return float(np.mean(values)) if values else None
+    pooled = distributed.mean_over({"sum": float(sum(values)), "count": float(len(values))}, procs)
+    return pooled["sum"] / pooled["count"] if pooled["count"] else None
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -242,34 +263,47 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
 # ---- the loop -------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) one training stage; returns a summary (also in RUN/summary.json)."""
+    """Run (or resume) one training stage; returns a summary (also in RUN/summary.json).
+    Under torchrun, each process runs this and they share the work (`loop.strategy`)."""
     loop: LoopConfig = cfg.loop
     run_dir = Path(loop.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        device = resolve_device(loop.device)
+        procs, device = distributed.setup(loop.device)
     except ValueError as err:
         raise ConfigError(f"loop.device: {err}") from err
+    main = procs.is_main  # the one process that logs and writes
+    if not main:
+        for name in ("instructsam", "training"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     amp_context = autocast(device, loop.amp)
     seed_everything(loop.seed)
 
-    # data
-    train_sampler = MixSampler([(read_dataset(d), d.repeat) for d in cfg.data.train], loop.seed, cfg.data.shuffle)
-    val_sampler = (MixSampler([(read_dataset(d), 1) for d in cfg.data.val], loop.seed, shuffle=False)
+    # data: every process the same mix, each its own share of it
+    def mix(specs, repeats: bool):
+        return [(read_dataset(d, cfg.data.root, cfg.data.max_turns), d.repeat if repeats else 1) for d in specs]
+
+    train_sampler = MixSampler(mix(cfg.data.train, True), loop.seed, cfg.data.shuffle, procs.rank, procs.world_size)
+    val_sampler = (MixSampler(mix(cfg.data.val, False), loop.seed, False, procs.rank, procs.world_size)
                    if cfg.data.val else None)
-    samples_per_step = loop.batch_size * loop.grad_accum
+    samples_per_step = loop.batch_size * loop.grad_accum * procs.world_size
     total_steps = loop.max_steps or max(1, math.ceil(loop.epochs * len(train_sampler) / samples_per_step))
 
     # model: the stage's start, LoRA, the release's trainable groups
     built = build_start_model(cfg.model, device)
     model, tokenizer = built.model, built.tokenizer
     apply_lora(model, cfg.model)
-    groups = set_trainable(model, vision=cfg.optim.vision_lr > 0)
+    set_trainable(model, vision=cfg.optim.vision_lr > 0)
     if cfg.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.to(device).train()
     counts = group_counts(model, vision=cfg.optim.vision_lr > 0)
     log.info("trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    if procs.distributed:  # the same weights on every process, then each its own random draws
+        seed_everything(loop.seed + procs.rank)
+        log.info("%d processes, %s; %d samples per step", procs.world_size, loop.strategy, samples_per_step)
+    model, losses = distributed.wrap(model, loop.strategy, procs, device, uses_bf16(device, loop.amp), forward_losses)
+    groups = parameter_groups(model, vision=cfg.optim.vision_lr > 0)  # FSDP2 holds its shards now
 
     # optimizer and schedule
     optimizer = make_optimizer(groups, cfg.optim)
@@ -279,55 +313,59 @@ def train(cfg: TrainConfig) -> dict:
     # resume from the last complete checkpoint, if any
     skips = SkipLog()
     step = 0
-    for leftover in remove_partial(run_dir):
-        log.warning("removed %s, left by a checkpoint write that did not finish", leftover.name)
-    existing = checkpoint_dirs(run_dir)
-    if existing:
+    resume = _resume_point(run_dir, procs)
+    if resume is not None:
         _check_resume_config(run_dir, cfg)
-        state = load_training_checkpoint(existing[-1], model, optimizer)
+        state = _load_checkpoint(resume, model, optimizer, procs)
         step, skips.counts = state.step, Counter(state.skips)
         train_sampler.load_state_dict(state.sampler)
         scheduler.last_epoch = step  # the groups' lrs came back with the optimizer state
-        _truncate_metrics(run_dir / "metrics.jsonl", step)  # steps after the checkpoint run again
-        log.info("resumed from %s (step %d of %d)", existing[-1], step, total_steps)
-    else:
+        if main:
+            _truncate_metrics(run_dir / "metrics.jsonl", step)  # steps after the checkpoint run again
+        log.info("resumed from %s (step %d of %d)", resume, step, total_steps)
+    elif main:
         save_config(cfg, run_dir / "config.yaml")
-    writer = _tensorboard(run_dir) if loop.tensorboard else None
-    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+    writer = _tensorboard(run_dir) if loop.tensorboard and main else None
+    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
 
-    # the loop: one optimizer step per `grad_accum` micro-batches
+    # the loop: one optimizer step per `grad_accum` micro-batches (on each process)
     last: dict = {}
     stopped_early = False
-    bar = tqdm(total=total_steps, initial=step, desc=cfg.stage, unit="step", disable=not loop.progress,
+    bar = tqdm(total=total_steps, initial=step, desc=cfg.stage, unit="step", disable=not (loop.progress and main),
                dynamic_ncols=True)
+    say = bar.write if main else (lambda line: None)
     with StopSignal() as stop:
         while step < total_steps:
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             sums: Counter[str] = Counter()
             ious: list[float] = []
-            for _ in range(loop.grad_accum):
+            for micro in range(loop.grad_accum):
                 samples = next_samples(train_sampler, loop.batch_size, model.config.num_queries, skips)
                 batch = collate(samples, tokenizer, model.token_ids, model.config, cfg.data.mask_size,
                                 cfg.loss.text_on_queries).to(device)
-                loss, parts, batch_ious = forward_losses(model, batch, cfg, amp_context)
-                (loss / loop.grad_accum).backward()
+                with distributed.no_sync(losses, last=micro == loop.grad_accum - 1):
+                    loss, parts, batch_ious = losses(batch, cfg, amp_context)
+                    (loss / loop.grad_accum).backward()
                 sums.update({k: v / loop.grad_accum for k, v in parts.items()})
                 sums["loss"] += float(loss.detach()) / loop.grad_accum
                 ious += batch_ious
+            sums = Counter(distributed.mean_over(dict(sums), procs))  # over the global batch
             if cfg.optim.grad_clip > 0:
-                sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], cfg.optim.grad_clip))
+                norm = torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], cfg.optim.grad_clip)
+                sums["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups if not g["name"].endswith("_nodecay")}
             optimizer.step()
             scheduler.step()
             step += 1
             seconds = time.perf_counter() - t0
             last = {"step": step, **{k: round(v, 6) for k, v in sums.items()},
-                    "mask_iou": float(np.mean(ious)) if ious else None, "lr": lrs,
+                    "mask_iou": pooled_mean(ious, procs), "lr": lrs,
                     "samples_per_s": samples_per_step / seconds, "memory_gib": memory_gib(device)}
-            metrics_file.write(json.dumps(last) + "\n")
-            metrics_file.flush()
+            if main:
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
             if writer is not None:
                 for key in ("loss", "text", "mask_bce", "mask_dice", "score", "mask_iou", "samples_per_s"):
                     if last.get(key) is not None:
@@ -335,40 +373,110 @@ def train(cfg: TrainConfig) -> dict:
                 writer.add_scalar("train/lr_llm", last["lr"]["llm"], step)
             bar.update(1)
             if step % loop.log_every == 0 or step == total_steps:
-                bar.write(_console_line(cfg.stage, last, total_steps))
+                say(_console_line(cfg.stage, last, total_steps))
             if val_sampler is not None and ((loop.eval_every and step % loop.eval_every == 0) or step == total_steps):
-                scores = evaluate(model, val_sampler, cfg, tokenizer, device, amp_context)
-                bar.write(f"[{cfg.stage}] eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-                metrics_file.write(json.dumps({"step": step, "eval": scores}) + "\n")
+                scores = evaluate(model, val_sampler, cfg, tokenizer, device, amp_context, procs)
+                say(f"[{cfg.stage}] eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+                if main:
+                    metrics_file.write(json.dumps({"step": step, "eval": scores}) + "\n")
                 if writer is not None:
                     for key, value in scores.items():
                         writer.add_scalar(f"eval/{key}", value, step)
-            stop_now = stop.requested or (loop.stop_after and step >= loop.stop_after)
+            stop_now = distributed.any_over(stop.requested, procs) or (loop.stop_after and step >= loop.stop_after)
             if step % loop.checkpoint_every == 0 or step == total_steps or stop_now:
-                save_training_checkpoint(run_dir, trainable_state(model), optimizer,
-                                         TrainingState(step, train_sampler.state_dict(), dict(skips.counts)),
-                                         loop.keep_checkpoints)
+                _save_checkpoint(run_dir, model, optimizer, step, train_sampler, skips, procs, loop.keep_checkpoints)
             if stop_now and step < total_steps:
                 stopped_early = True
-                bar.write(f"[{cfg.stage}] stopped after step {step}; start again to resume")
+                say(f"[{cfg.stage}] stopped after step {step}; start again to resume")
                 break
     bar.close()
-    metrics_file.close()
+    if main:
+        metrics_file.close()
     if writer is not None:
         writer.close()
 
     final_dir = None
     if not stopped_early:
-        merge_lora(model)
-        model.eval()
-        final_dir = save_checkpoint(model, tokenizer, run_dir / "final")
+        final_dir = _write_final(run_dir, model, tokenizer, procs)
+    skipped = _total_skips(skips, procs)
     summary = {"stage": cfg.stage, "step": step, "total_steps": total_steps, "finished": not stopped_early,
-               "final": str(final_dir) if final_dir else None, "last": last, "skipped": dict(skips.counts),
+               "final": str(final_dir) if final_dir else None, "last": last, "skipped": skipped,
                "trainable_parameters": dict(counts)}
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
-    if skips.counts:
-        log.warning("samples skipped or changed, by reason: %s", dict(skips.counts))
+    if main:
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+        if skipped:
+            log.warning("samples skipped or changed, by reason: %s", skipped)
+    distributed.shutdown(procs)
     return summary
+
+
+# ---- what the processes do together -------------------------------------------------------
+
+def _resume_point(run_dir: Path, procs: Processes) -> Path | None:
+    """The newest complete checkpoint (the first process's choice), after its leftovers
+    from an interrupted write are removed; every process must see it (one file system)."""
+    if procs.is_main:
+        for leftover in remove_partial(run_dir):
+            log.warning("removed %s, left by a checkpoint write that did not finish", leftover.name)
+    existing = checkpoint_dirs(run_dir) if procs.is_main else []
+    chosen = distributed.broadcast_json(existing[-1].name if existing else None, procs)
+    if chosen is None:
+        return None
+    path = run_dir / "checkpoints" / chosen
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"process {procs.rank} cannot read {path}: the run folder must be on a file "
+                              "system every process (every machine) sees")
+    return path
+
+
+def _load_checkpoint(path: Path, model, optimizer, procs: Processes) -> TrainingState:
+    saved_world = int(read_meta(path).get("world_size", 1))
+    if saved_world != procs.world_size:
+        raise ConfigError(f"{path} was written by a run on {saved_world} process(es), this one has "
+                          f"{procs.world_size}: resume it on {saved_world} (the data order and the "
+                          "schedule depend on it), or choose another loop.out_dir")
+    if distributed.is_sharded(model):
+        return distributed.load_sharded(path, model, optimizer, procs.rank)
+    return load_training_checkpoint(path, model, optimizer, procs.rank)
+
+
+def _save_checkpoint(run_dir: Path, model, optimizer, step: int, sampler: MixSampler, skips: SkipLog,
+                     procs: Processes, keep: int) -> None:
+    """Every process takes part (the shards are gathered); the first writes."""
+    if distributed.is_sharded(model):
+        trainable, optimizer_state = distributed.gather_trainable(model), distributed.gather_optimizer(model, optimizer)
+    elif procs.is_main:  # one process, or DDP's identical replicas
+        trainable, optimizer_state = trainable_state(model), optimizer_tensors(optimizer)
+    snapshots = distributed.gather_json(rank_snapshot(sampler.state_dict()), procs) if procs.distributed else []
+    total = _total_skips(skips, procs)
+    if procs.is_main:
+        save_training_checkpoint(run_dir, trainable, optimizer_state,
+                                 TrainingState(step, sampler.state_dict(), total, procs.world_size, snapshots[1:]),
+                                 keep)
+    distributed.barrier(procs)
+
+
+def _total_skips(skips: SkipLog, procs: Processes) -> dict[str, int]:
+    if not procs.distributed:
+        return dict(skips.counts)
+    total: Counter[str] = Counter()
+    for counts in distributed.gather_json(dict(skips.counts), procs):
+        total.update(counts)
+    return dict(total)
+
+
+def _write_final(run_dir: Path, model, tokenizer, procs: Processes) -> Path:
+    """RUN/final: the stage's result, LoRA merged (by the first process)."""
+    final = run_dir / "final"
+    if procs.is_main:
+        if distributed.is_sharded(model):  # the full weights: the start's, with the last checkpoint's trained ones
+            merge_run(run_dir, final)
+        else:  # one process, or DDP's replica
+            merge_lora(model)
+            model.eval()
+            save_checkpoint(model, tokenizer, final)
+    distributed.barrier(procs)
+    return final
 
 
 def _console_line(stage: str, m: dict, total: int) -> str:

@@ -168,3 +168,16 @@ def size_of(rec: dict) -> tuple[int, int] | None:
     if "height" in rec and "width" in rec:
         return int(rec["height"]), int(rec["width"])
     return None
+
+
+def image_size(image: Path) -> tuple[int, int]:
+    """`(H, W)` of an image file as it will be read (upright), without decoding it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as im:
+            # upright, as the image will be read (EXIF orientations 5-8 turn it sideways)
+            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            return (im.width, im.height) if turned else (im.height, im.width)
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        raise DataError(f"the GT needs the image size: {e}") from e

@@ -23,7 +23,7 @@ from training.eval.cli import base_parser, guarded, prompt_from_args, run_benchm
 from training.eval.masks import DataError, decode_instances, is_polygon
 from training.eval.prompts import PromptFn, roborefit_prompt, strip_quotes
 from training.eval.readers import (FormatError, ann_gt, field_of, identified_records, load_json_records,
-                                   mask_path_gt, parse_box, prompted, resolve_path, size_of)
+                                   image_size, mask_path_gt, parse_box, prompted, resolve_path, size_of)
 from training.eval.samples import GroundTruth, Sample
 from training.eval.summary import BenchmarkSpec
 from training.metrics import INSTRUCTSAM_IOU
@@ -115,22 +115,10 @@ def _plain_gt(ann: Any, data_root: Path, image: Path, size: tuple[int, int] | No
                 masks.append(m)
             if gt.ignore is not None:
                 ignore = gt.ignore if ignore is None else (ignore | gt.ignore)
-        shape = masks[0].shape if masks else (size or _image_size(image))
+        shape = masks[0].shape if masks else (size or image_size(image))
         return GroundTruth.from_masks(masks, tuple(shape), box=box, ignore=ignore)
 
     return load
-
-
-def _image_size(image: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(image) as im:
-            # upright, as the image will be read (EXIF orientations 5-8 turn it sideways)
-            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-            return (im.width, im.height) if turned else (im.height, im.width)
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise DataError(f"a no-target GT needs the image size: {e}") from e
 
 
 def read_plain(json_path: Path, data_root: Path, prompt: PromptFn = roborefit_prompt) -> list[Sample]:
