@@ -142,7 +142,7 @@ class CompileTracker:
             yield
             return
         self.seen.add(key)
-        log.log(self.level, "compiled backend: building %s (stage %d) for inputs %s, cache %s ...", stage,
+        log.log(self.level, "compiled backend: building %s (graph set %d) for inputs %s, cache %s ...", stage,
                 len(self.seen), key[1], self.directory)
         hits, misses = _inductor_counts()
         start = time.perf_counter()

@@ -151,6 +151,7 @@ class CompiledBackend(TorchBackend):
         key, description = cache_key(model, self.device, dtype, settings)
         self.cache_dir = Path(self.options.cache_dir or default_cache_root()) / key
         warm = use_cache_dir(self.cache_dir, description)
+        self.cache_was_warm = warm  # its directory existed: compiled code is read back, not built
         self.tracker = CompileTracker(self.cache_dir, loud=not warm)
         if not warm:
             log.warning("compiled backend: no compiled code for this model and machine yet; the first calls "
