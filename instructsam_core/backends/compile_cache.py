@@ -55,8 +55,9 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     single transfer: milliseconds on a GPU, where hashing the bytes would take seconds."""
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     described = [(name, list(t.shape), str(t.dtype)) for name, t in tensors]
+    numeric = [t.to(torch.uint8) if t.dtype == torch.bool else t for _, t in tensors if t.numel()]
     sums = torch.stack([torch.stack([t.sum(dtype=torch.float64), t.abs().sum(dtype=torch.float64)])
-                        for _, t in tensors if t.numel()]).cpu().tolist()
+                        for t in numeric]).cpu().tolist()
     return hashlib.sha256(json.dumps([described, sums]).encode()).hexdigest()
 
 

@@ -123,7 +123,7 @@ def _vision_grid_inputs(visual, grids: list[tuple[int, int, int]], device: torch
     return inputs
 
 
-def _bucket_count(n: int) -> int:
+def _next_power_of_two(n: int) -> int:
     """The next power of two >= n."""
     return 1 << max(0, (n - 1).bit_length())
 
@@ -347,7 +347,7 @@ class CompiledBackend(TorchBackend):
         hidden = model.run_language_model(embeds, mask, positions, self.kv.writer(write_index))
         return hidden, model.vlm.lm_head(hidden.index_select(1, last_index))[:, 0]
 
-    def fall_back_warning(self) -> None:
+    def warn_fallback(self) -> None:
         if not self._warned_fallback:
             self._warned_fallback = True
             log.warning("compiled backend: an answer outgrew the static KV cache (%d tokens); it goes on in eager "
@@ -361,7 +361,7 @@ class CompiledBackend(TorchBackend):
             packed = self.pack_phrases(answers, [frame.sam for frame, _ in answers])
             queries, phrase_ids, phrase_mask, hidden, sam = packed
             p = queries.shape[0]
-            rows = torch.arange(_bucket_count(p), device=self.device).clamp(max=p - 1)  # pad by repeating the last
+            rows = torch.arange(_next_power_of_two(p), device=self.device).clamp(max=p - 1)  # pad by repeating the last
             args = [t[rows] for t in (queries, phrase_ids, phrase_mask, hidden)]
             args += [tuple(f[rows] for f in sam.fpn_hidden_states), tuple(f[rows] for f in sam.fpn_position_encoding)]
             with self.tracker.track("sam_head", len(rows)):
@@ -395,7 +395,7 @@ class _StaticRunner:
     def run(self, new: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.backend
         if self.eager is None and self.past_len + b.pass_width(len(new)) > b.kv.max_len:
-            b.fall_back_warning()
+            b.warn_fallback()
             self.eager = _DynamicRunner(b.model, b.kv.to_dynamic(self.past_len), self.next_pos.to(b.device),
                                         self.past_len)
         if self.eager is not None:
