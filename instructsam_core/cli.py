@@ -16,6 +16,8 @@ import sys
 import numpy as np
 from PIL import Image
 
+from .export.commands import add_commands as add_acceleration_commands
+
 
 def _load_image(spec: str) -> np.ndarray:
     if spec.startswith("sample"):
@@ -79,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--mask-nms-iou", type=float, default=None,
                      help="drop a mask overlapping a better one above this IoU (default: off, as the release)")
     seg.set_defaults(func=cmd_segment)
+    add_acceleration_commands(sub)
     return parser
 
 

@@ -62,17 +62,24 @@ class HeadOutput:
         logits: `(B, K)` slot logits from dot-product scoring (query . pooled prompt).
         boxes: `(B, K, 4)` normalised xyxy boxes in [0, 1] from the decoder's box head.
         presence_logits: `(B, 1)` presence logits, or None without the presence token.
+        layer_boxes: `(B, L, K, 4)` every decoder layer's xyxy box prediction (the last is
+            `boxes`), differentiable through the box head: what a box loss supervises.
+        semantic_logits: `(B, h, w)` the mask decoder's semantic head: one mask of
+            everything the prompt names (SAM3 trains it; inference does not use it).
     """
 
     mask_logits: torch.Tensor
     logits: torch.Tensor
     boxes: torch.Tensor
     presence_logits: torch.Tensor | None = None
+    layer_boxes: torch.Tensor | None = None
+    semantic_logits: torch.Tensor | None = None
 
     def split(self, sizes: list[int]) -> list["HeadOutput"]:
         """Per-group outputs of a head run over several groups of rows (`sizes` rows each)."""
         parts = [torch.split(t, sizes) if t is not None else [None] * len(sizes)
-                 for t in (self.mask_logits, self.logits, self.boxes, self.presence_logits)]
+                 for t in (self.mask_logits, self.logits, self.boxes, self.presence_logits, self.layer_boxes,
+                           self.semantic_logits)]
         return [HeadOutput(*fields) for fields in zip(*parts)]
 
     def scores(self) -> torch.Tensor:

@@ -62,7 +62,9 @@ class ModelConfig:
 
     `init`: "base" (Qwen3-VL `qwen` + SAM3 `sam3` directories: stage 1), "checkpoint"
     (an InstructSAM checkpoint directory `checkpoint`, e.g. stage 1 merged: stage 2), or
-    "preset" (random weights of `preset`, seeded by `seed`: tests).
+    "preset" (random weights of `preset`, seeded by `seed`: tests, the default model).
+    `init_weights` (preset only): "transformers" (as built) or "fan_in" (redrawn for
+    training from scratch, see training/initialization.py).
     """
 
     init: str = "base"
@@ -71,6 +73,7 @@ class ModelConfig:
     checkpoint: str = ""
     preset: str = "tiny"
     seed: int = 0
+    init_weights: str = "transformers"
     # LoRA on the LLM's attention projections (the release: r 64, alpha 16, dropout 0.05).
     lora_r: int = 64
     lora_alpha: int = 16
@@ -97,6 +100,17 @@ class LossConfig:
     num_points: int = 12544  # points sampled per matched mask (Mask2Former style)
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
+    # DETR's box terms (L1, generalized IoU) on every decoder layer against the matched
+    # masks' boxes, and in the matching cost. Off in the release's recipe (SAM3 starts
+    # pretrained); a SAM3 head from random weights needs them (see training/losses.py).
+    box_l1: float = 0.0
+    box_giou: float = 0.0
+    match_box_l1: float = 0.0
+    match_box_giou: float = 0.0
+    # SAM3's semantic head (one mask of all a phrase names): BCE and Dice weights; off in
+    # the release's recipe, a dense signal for a head trained from random weights.
+    semantic_bce: float = 0.0
+    semantic_dice: float = 0.0
     # The release also trains the LLM to predict the [SEG] tokens; we leave them out of the
     # text loss (their embeddings are the query bank, never predicted at inference).
     text_on_queries: bool = False

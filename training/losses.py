@@ -11,6 +11,14 @@ What the release computes (its assigner, point sampler and loss modules), writte
 - slot scores: BCE against max(dice(sigmoid mask, instance), 0.1) for matched slots and 0
   for the others (all 0 for a phrase with no instance);
 - averages: mask terms over all matched slots of the batch, the score term over phrases.
+
+Optionally (off in the release's recipe, whose SAM3 starts pretrained), DETR's box terms:
+L1 and generalized IoU between every decoder layer's boxes and the boxes of the matched
+instances' masks, in the loss and in the matching cost. A SAM3 head trained from random
+weights needs them: its box head otherwise never learns, and the boxes steer the decoder's
+attention (SAM3's box relative position bias) to random places. Likewise optional, SAM3's
+semantic head: BCE and Dice of one mask of everything a phrase names (the union of its
+instances), a dense signal every pixel of every sample gives, independent of matching.
 """
 
 from __future__ import annotations
@@ -37,9 +45,40 @@ def bce_cost(pred_logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return (pos @ gt.T + neg @ (1 - gt).T) / pred_logits.shape[1]
 
 
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """`(N, 4)` xyxy boxes of `(N, h, w)` masks, normalised to [0, 1] (x2 = one past the
+    last column / w), as the decoder predicts them; an empty mask gives a zero box."""
+    n, h, w = masks.shape
+    if n == 0:
+        return torch.zeros(0, 4, device=masks.device)
+    cols, rows = masks.bool().any(1), masks.bool().any(2)  # (N, w), (N, h)
+    x = torch.arange(w, device=masks.device)
+    y = torch.arange(h, device=masks.device)
+    big = max(h, w)
+    x1 = torch.where(cols, x, big).amin(1).clamp(max=w)
+    x2 = torch.where(cols, x + 1, 0).amax(1)
+    y1 = torch.where(rows, y, big).amin(1).clamp(max=h)
+    y2 = torch.where(rows, y + 1, 0).amax(1)
+    boxes = torch.stack([x1 / w, y1 / h, x2 / w, y2 / h], dim=1).float()
+    return torch.where(x2[:, None] > 0, boxes, torch.zeros_like(boxes))
+
+
+def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`(M, N)` generalized IoU of xyxy boxes `(M, 4)` and `(N, 4)` (degenerate boxes allowed)."""
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    lt, rb = torch.max(a[:, None, :2], b[None, :, :2]), torch.min(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    iou = inter / union.clamp(min=1e-7)
+    hull = (torch.max(a[:, None, 2:], b[None, :, 2:]) - torch.min(a[:, None, :2], b[None, :, :2])).clamp(min=0).prod(-1)
+    return iou - (hull - union) / hull.clamp(min=1e-7)
+
+
 @torch.no_grad()
 def match_slots(mask_logits: torch.Tensor, slot_logits: torch.Tensor, gt: torch.Tensor,
-                weights: tuple[float, float, float] = (2.0, 0.5, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+                weights: tuple[float, float, float] = (2.0, 0.5, 1.0), boxes: torch.Tensor | None = None,
+                box_weights: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
     """Hungarian matching of K slots to N instances.
 
     Arguments:
@@ -47,6 +86,8 @@ def match_slots(mask_logits: torch.Tensor, slot_logits: torch.Tensor, gt: torch.
         slot_logits: `(K,)` slot score logits.
         gt: `(N, h, w)` instance masks (0/1) at the same resolution.
         weights: (bce, dice, score) cost weights.
+        boxes: `(K, 4)` predicted xyxy boxes, for the box cost terms.
+        box_weights: (L1, 1 - generalized IoU) cost weights against the masks' boxes.
 
     Returns `(slot_indices, instance_indices)`, min(K, N) pairs.
     """
@@ -58,6 +99,10 @@ def match_slots(mask_logits: torch.Tensor, slot_logits: torch.Tensor, gt: torch.
     w_bce, w_dice, w_score = weights
     cost = (w_bce * bce_cost(logits, target) + w_dice * dice_cost(logits.sigmoid(), target)
             + w_score * F.softplus(-slot_logits.float())[:, None].expand(k, n))
+    if boxes is not None and any(box_weights):
+        gt_boxes, pred = mask_boxes(gt), boxes.float()
+        cost = cost + box_weights[0] * torch.cdist(pred, gt_boxes, p=1)
+        cost = cost + box_weights[1] * (1 - generalized_box_iou(pred, gt_boxes))
     rows, cols = linear_sum_assignment(cost.cpu().numpy())
     return rows.astype(np.int64), cols.astype(np.int64)
 
@@ -108,34 +153,43 @@ def dice_score(probs: torch.Tensor, gt: torch.Tensor, eps: float = 1e-6) -> torc
 
 @dataclass
 class MaskLosses:
-    """The mask and score losses of a batch of phrases (unweighted means) and the IoU of
-    each matched slot's mask (`logit > 0`) with its instance, for logs and evaluation."""
+    """The mask, score and box losses of a batch of phrases (unweighted means) and the IoU
+    of each matched slot's mask (`logit > 0`) with its instance, for logs and evaluation.
+    The box terms are zero unless boxes were given."""
 
     bce: torch.Tensor
     dice: torch.Tensor
     score: torch.Tensor
     matched_ious: list[float]
+    box_l1: torch.Tensor | None = None
+    box_giou: torch.Tensor | None = None
 
 
 def mask_losses(mask_logits: torch.Tensor, slot_logits: torch.Tensor, targets: list[torch.Tensor],
                 match_weights: tuple[float, float, float], num_points: int, oversample_ratio: float,
-                importance_sample_ratio: float) -> MaskLosses:
+                importance_sample_ratio: float, layer_boxes: torch.Tensor | None = None,
+                box_match_weights: tuple[float, float] = (0.0, 0.0)) -> MaskLosses:
     """Match each phrase's slots to its instances, then the release's losses.
 
     Arguments:
         mask_logits: `(P, K, h, w)` mask logits of P phrases.
         slot_logits: `(P, K)` slot score logits.
         targets: per phrase, `(N_p, h, w)` instance masks (N_p = 0: no target).
+        layer_boxes: `(P, L, K, 4)` every decoder layer's xyxy boxes, or None: with them,
+            the box L1 and generalized-IoU losses (the mean over layers of each layer's
+            mean over matched slots; L1 summed over the 4 coordinates, as DETR).
+        box_match_weights: (L1, GIoU) matching cost weights on the last layer's boxes.
     """
     if len(targets) != mask_logits.shape[0]:
         raise ValueError(f"{mask_logits.shape[0]} query blocks but {len(targets)} phrase targets")
-    matched_logits, matched_gt, score_loss = [], [], []
+    matched_logits, matched_gt, score_loss, matched_boxes, matched_gt_boxes = [], [], [], [], []
     for p, gt in enumerate(targets):
         gt = gt.to(mask_logits.device)
         if gt.shape[-2:] != mask_logits.shape[-2:]:
             raise ValueError(f"targets are {tuple(gt.shape[-2:])}, masks {tuple(mask_logits.shape[-2:])}: "
                              "set data.mask_size to the model's mask resolution")
-        rows, cols = match_slots(mask_logits[p], slot_logits[p], gt, match_weights)
+        last_boxes = layer_boxes[p, -1] if layer_boxes is not None else None
+        rows, cols = match_slots(mask_logits[p], slot_logits[p], gt, match_weights, last_boxes, box_match_weights)
         score_target = torch.zeros_like(slot_logits[p], dtype=torch.float32)
         if len(rows):
             rows_t = torch.as_tensor(rows, device=mask_logits.device)
@@ -144,8 +198,18 @@ def mask_losses(mask_logits: torch.Tensor, slot_logits: torch.Tensor, targets: l
             score_target[rows_t] = quality.clamp(min=0.1)
             matched_logits.append(mask_logits[p, rows_t])
             matched_gt.append(gt[cols_t])
+            if layer_boxes is not None:
+                matched_boxes.append(layer_boxes[p][:, rows_t])  # (L, M, 4)
+                matched_gt_boxes.append(mask_boxes(gt[cols_t]))
         score_loss.append(F.binary_cross_entropy_with_logits(slot_logits[p].float(), score_target))
     zero = mask_logits.sum() * 0.0  # keeps the graph when nothing matched
+    box_l1 = box_giou = zero
+    if matched_boxes:
+        pred = torch.cat(matched_boxes, dim=1).float()  # (L, M, 4)
+        target = torch.cat(matched_gt_boxes)  # (M, 4)
+        box_l1 = (pred - target).abs().sum(-1).mean()
+        giou = torch.stack([generalized_box_iou(layer, target).diagonal() for layer in pred])
+        box_giou = (1 - giou).mean()
     if matched_logits:
         logits, gt = torch.cat(matched_logits), torch.cat(matched_gt)
         points = uncertain_points(logits.float()[:, None], num_points, oversample_ratio, importance_sample_ratio)
@@ -159,7 +223,23 @@ def mask_losses(mask_logits: torch.Tensor, slot_logits: torch.Tensor, targets: l
     else:
         bce, dice, ious = zero, zero, []
     score = torch.stack(score_loss).mean() if score_loss else zero
-    return MaskLosses(bce=bce, dice=dice, score=score, matched_ious=ious)
+    return MaskLosses(bce=bce, dice=dice, score=score, matched_ious=ious, box_l1=box_l1, box_giou=box_giou)
+
+
+def semantic_losses(semantic_logits: torch.Tensor, targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean BCE and Dice (eps 1.0) of `(P, h, w)` semantic logits against the union of
+    each phrase's `(N_p, h, w)` instances (empty for no target)."""
+    if len(targets) != semantic_logits.shape[0]:
+        raise ValueError(f"{semantic_logits.shape[0]} query blocks but {len(targets)} phrase targets")
+    union = torch.stack([t.to(semantic_logits.device).any(0) if len(t) else
+                         torch.zeros(semantic_logits.shape[1:], dtype=torch.bool, device=semantic_logits.device)
+                         for t in targets]).float()
+    logits = semantic_logits.float().flatten(1)
+    union = union.flatten(1)
+    bce = F.binary_cross_entropy_with_logits(logits, union)
+    probs = logits.sigmoid()
+    dice = 1 - (2 * (probs * union).sum(1) + 1.0) / (probs.sum(1) + union.sum(1) + 1.0)
+    return bce, dice.mean()
 
 
 def text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,8 @@ from training.checkpoints import (TrainingState, checkpoint_dirs, load_training_
 from training.config import ConfigError, LoopConfig, ModelConfig, OptimConfig, TrainConfig, load_config, save_config
 from training.data import Batch, MixSampler, SkipLog, collate, next_samples, read_dataset
 from training.eval.readers import FormatError
-from training.losses import mask_losses, text_loss
+from training.initialization import INIT_SCHEMES, fan_in_init
+from training.losses import mask_losses, semantic_losses, text_loss
 from training.parameters import GROUPS, apply_lora, detailed_counts, group_counts, merge_lora, set_trainable
 
 log = logging.getLogger("instructsam.train")
@@ -65,7 +66,12 @@ def build_start_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> B
             raise ConfigError("model.init 'checkpoint' needs model.checkpoint (e.g. the stage-1 result)")
         return build_model(cfg.checkpoint, device=device, dtype="float32")
     if cfg.init == "preset":
-        return build_model(cfg.preset, device=device, dtype="float32", seed=cfg.seed)
+        if cfg.init_weights not in INIT_SCHEMES:
+            raise ConfigError(f"model.init_weights must be one of {INIT_SCHEMES}, got {cfg.init_weights!r}")
+        built = build_model(cfg.preset, device=device, dtype="float32", seed=cfg.seed)
+        if cfg.init_weights == "fan_in":
+            fan_in_init(built.model, torch.Generator(device=built.device).manual_seed(cfg.seed))
+        return built
     raise ConfigError(f"model.init must be base, checkpoint or preset, got {cfg.init!r}")
 
 
@@ -118,12 +124,22 @@ def forward_losses(model, batch: Batch, cfg: TrainConfig, amp_context) -> tuple[
             sam = model.encode_image_sam(batch.sam_pixels)
         out = model(batch.input_ids, batch.attention_mask, visions, sam)
     parts = {"text": text_loss(out.text_logits, batch.labels)}
+    use_boxes = bool(loss_cfg.box_l1 or loss_cfg.box_giou or loss_cfg.match_box_l1 or loss_cfg.match_box_giou)
     masks = mask_losses(out.head.mask_logits, out.head.logits, batch.targets,
                         (loss_cfg.match_bce, loss_cfg.match_dice, loss_cfg.match_score), loss_cfg.num_points,
-                        loss_cfg.oversample_ratio, loss_cfg.importance_sample_ratio)
+                        loss_cfg.oversample_ratio, loss_cfg.importance_sample_ratio,
+                        out.head.layer_boxes if use_boxes else None,
+                        (loss_cfg.match_box_l1, loss_cfg.match_box_giou))
     parts.update(mask_bce=masks.bce, mask_dice=masks.dice, score=masks.score)
+    if use_boxes:
+        parts.update(box_l1=masks.box_l1, box_giou=masks.box_giou)
     total = (loss_cfg.text * parts["text"] + loss_cfg.mask_bce * parts["mask_bce"]
              + loss_cfg.mask_dice * parts["mask_dice"] + loss_cfg.score * parts["score"])
+    if use_boxes:
+        total = total + loss_cfg.box_l1 * parts["box_l1"] + loss_cfg.box_giou * parts["box_giou"]
+    if loss_cfg.semantic_bce or loss_cfg.semantic_dice:
+        parts["semantic_bce"], parts["semantic_dice"] = semantic_losses(out.head.semantic_logits, batch.targets)
+        total = total + loss_cfg.semantic_bce * parts["semantic_bce"] + loss_cfg.semantic_dice * parts["semantic_dice"]
     return total, {k: float(v.detach()) for k, v in parts.items()}, masks.matched_ious
 
 

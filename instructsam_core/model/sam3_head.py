@@ -103,7 +103,8 @@ def decode_queries(
 
     Returns:
         hidden: `(B, K, D)` normalised last-layer query states.
-        ref_boxes: `(B, K, 4)` cxcywh reference boxes the last layer started from.
+        layer_boxes: `(B, L, K, 4)` each layer's cxcywh box prediction (the reference
+            boxes refined by the box head; the last one is the decoder's answer).
         presence_logits: `(B, 1)` last-layer presence logits, or None.
     """
     B, K, _ = queries.shape
@@ -117,6 +118,7 @@ def decode_queries(
                                                    encoder_hidden_states=text_features)
     pad = 1 if use_presence else 0
     presence_logits = None
+    layer_boxes = []
     for layer in decoder.layers:
         query_pos = decoder.ref_point_head(decoder.position_encoding.encode_boxes(ref_boxes))  # (B, K, D)
         rpb = decoder._get_rpb_matrix(ref_boxes, spatial_shape)  # (B, h, K, HW)
@@ -126,14 +128,15 @@ def decode_queries(
         hidden = _decoder_layer(layer, hidden, query_pos, text_features, vision_features, vision_pos,
                                 text_attn_mask, rpb)
         slot_hidden = decoder.output_layer_norm(hidden[:, pad:])
-        last_ref_boxes = ref_boxes
-        # Iterative box refinement; like stock SAM3, no gradient flows through the chain.
-        ref_boxes = (decoder.box_head(slot_hidden) + inverse_sigmoid(ref_boxes)).sigmoid().detach()
+        # Iterative box refinement; like stock SAM3, no gradient flows through the chain
+        # (each layer's prediction trains the box head, the next layer starts from it detached).
+        layer_boxes.append((decoder.box_head(slot_hidden) + inverse_sigmoid(ref_boxes)).sigmoid())
+        ref_boxes = layer_boxes[-1].detach()
         if use_presence:
             presence_logits = decoder.presence_head(decoder.presence_layer_norm(hidden[:, :1])).squeeze(-1)
             presence_logits = presence_logits.clamp(-decoder.clamp_presence_logit_max_val,
                                                     decoder.clamp_presence_logit_max_val)
-    return slot_hidden, last_ref_boxes, presence_logits
+    return slot_hidden, torch.stack(layer_boxes, dim=1), presence_logits
 
 
 def run_head(
@@ -164,13 +167,15 @@ def run_head(
     decoder = sam3.detr_decoder
     if queries is None:
         queries = decoder.query_embed.weight.unsqueeze(0).expand(prompt.shape[0], -1, -1)
-    hidden, ref_boxes, presence_logits = decode_queries(
+    hidden, layer_boxes, presence_logits = decode_queries(
         decoder, queries, encoded.last_hidden_state, encoded.pos_embeds_flattened, encoded.text_features,
         prompt_mask, tuple(fpn[-1].shape[-2:]), use_presence)
-    boxes = box_cxcywh_to_xyxy((inverse_sigmoid(ref_boxes) + decoder.box_head(hidden)).sigmoid())
+    layer_boxes = box_cxcywh_to_xyxy(layer_boxes)
     logits = sam3.dot_product_scoring(decoder_hidden_states=hidden[None], text_features=encoded.text_features,
                                       text_mask=prompt_mask)[0, ..., 0]  # (B, K)
     masks = sam3.mask_decoder(decoder_queries=hidden, backbone_features=list(fpn),
                               encoder_hidden_states=encoded.last_hidden_state,
                               prompt_features=prompt, prompt_mask=prompt_mask)
-    return HeadOutput(mask_logits=masks.pred_masks, logits=logits, boxes=boxes, presence_logits=presence_logits)
+    return HeadOutput(mask_logits=masks.pred_masks, logits=logits, boxes=layer_boxes[:, -1],
+                      presence_logits=presence_logits, layer_boxes=layer_boxes,
+                      semantic_logits=masks.semantic_seg[:, 0])

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import (bce_cost, dice_cost, dice_score, mask_losses, match_slots, point_mask_losses,
-                             point_sample, text_loss, uncertain_points)
+from training.losses import (bce_cost, dice_cost, dice_score, generalized_box_iou, mask_boxes, mask_losses,
+                             match_slots, point_mask_losses, point_sample, semantic_losses, text_loss,
+                             uncertain_points)
 
 
 def softplus(x: float) -> float:
@@ -123,3 +124,58 @@ def test_text_loss_predicts_the_next_labelled_token_only():
     assert float(text_loss(logits, torch.full((1, 4), -100))) == 0.0
     np.testing.assert_allclose(float(text_loss(logits, torch.tensor([[-100, 0, 2, 1]]))),
                                (math.log(3) - math.log(4 / 6) + math.log(3)) / 3, rtol=1e-6)
+
+
+def test_mask_boxes_are_normalised_xyxy_one_past_the_last_pixel():
+    masks = torch.zeros(3, 4, 8, dtype=torch.bool)
+    masks[0, 1:3, 2:6] = True  # rows 1-2, columns 2-5
+    masks[1, 3, 7] = True  # one pixel in the corner
+    boxes = mask_boxes(masks)
+    torch.testing.assert_close(boxes, torch.tensor([[2 / 8, 1 / 4, 6 / 8, 3 / 4], [7 / 8, 3 / 4, 1.0, 1.0],
+                                                    [0.0, 0.0, 0.0, 0.0]]))
+
+
+def test_generalized_box_iou_by_hand():
+    a = torch.tensor([[0.0, 0.0, 0.5, 0.5]])
+    b = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.25, 0.0, 0.75, 0.5], [0.5, 0.5, 1.0, 1.0]])
+    # identical: 1; half overlap: I 0.125 / U 0.375, hull = union; apart: IoU 0, hull 1, union 0.5
+    expected = torch.tensor([[1.0, 0.125 / 0.375, 0.0 - (1.0 - 0.5) / 1.0]])
+    torch.testing.assert_close(generalized_box_iou(a, b), expected)
+
+
+def test_box_cost_decides_the_match_when_masks_cannot():
+    gt = torch.zeros(2, 8, 8)
+    gt[0, :4, :4] = 1  # top left
+    gt[1, 4:, 4:] = 1  # bottom right
+    logits = torch.zeros(2, 8, 8)  # the masks say nothing
+    boxes = torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5]])  # slot 0 sits bottom right
+    rows, cols = match_slots(logits, torch.zeros(2), gt, (1.0, 1.0, 0.0), boxes, (5.0, 2.0))
+    assert dict(zip(rows.tolist(), cols.tolist())) == {0: 1, 1: 0}
+
+
+def test_box_losses_average_the_layers_of_the_matched_slots():
+    gt = torch.zeros(1, 8, 8)
+    gt[0, :4, :4] = 1  # box (0, 0, 0.5, 0.5)
+    logits = torch.full((1, 2, 8, 8), -8.0)
+    logits[0, 0, :4, :4] = 8.0  # slot 0 is the match
+    exact, shifted = [0.0, 0.0, 0.5, 0.5], [0.25, 0.0, 0.75, 0.5]
+    layer_boxes = torch.tensor([[[exact, shifted], [shifted, exact]]])  # (P=1, L=2, K=2, 4)
+    out = mask_losses(logits, torch.zeros(1, 2), [gt], (2.0, 0.5, 1.0), 64, 3.0, 0.75, layer_boxes, (5.0, 2.0))
+    # slot 0: exact in layer 0 (L1 0, GIoU 1), shifted in layer 1 (L1 0.5, GIoU 1/3)
+    torch.testing.assert_close(out.box_l1, torch.tensor(0.25))
+    torch.testing.assert_close(out.box_giou, torch.tensor((0.0 + (1 - 1 / 3)) / 2))
+    assert float(mask_losses(logits, torch.zeros(1, 2), [gt], (2.0, 0.5, 1.0), 64, 3.0, 0.75).box_l1) == 0.0
+
+
+def test_semantic_losses_score_the_union_of_a_phrases_instances():
+    gt = torch.zeros(2, 4, 4, dtype=torch.bool)
+    gt[0, 0] = True
+    gt[1, 3] = True
+    perfect = torch.where(gt.any(0), 20.0, -20.0)[None]
+    bce, dice = semantic_losses(perfect, [gt])
+    assert float(bce) < 1e-6 and float(dice) < 1e-6
+    # no target: an all-background prediction is right, an all-foreground one is not
+    empty = torch.zeros(0, 4, 4, dtype=torch.bool)
+    assert float(semantic_losses(torch.full((1, 4, 4), -20.0), [empty])[0]) < 1e-6
+    bce, dice = semantic_losses(torch.full((1, 4, 4), 20.0), [empty])
+    assert float(bce) > 10 and float(dice) == pytest.approx(1 - 1 / 17, abs=1e-4)
