@@ -17,7 +17,9 @@ the outputs of `instructsam_core.outputs` (`Generation`, `HeadOutput`), whose ar
 are `torch.Tensor`s used as device buffers. A TensorRT backend fills them from the
 output bindings it allocated (with `torch.empty` on the device, bound by `data_ptr`): no
 PyTorch module, cache or autograd object is needed to pass through, and none is faked.
-Moving weights off the device is each backend's own `release`.
+Moving weights off the device is each backend's own `release`. A backend may mix
+runtimes: one that runs SAM3 on TensorRT engines (docs/acceleration.md) and keeps the LLM
+in PyTorch delegates `generate` to a PyTorch backend, and its handle holds both parts.
 
 For benchmarks a backend reports per-stage wall times to a `StageTimer` (`STAGES`
 names them), when one is attached; otherwise it adds no synchronisation.
