@@ -109,6 +109,11 @@ class EngineConfig:
     max_instruction_chars: int = 2000  # longer instructions are rejected, not truncated
     system_prompt: str | None = None  # optional system turn of the chat template
     batch_size: int = 8  # frames encoded together by segment_batch
+    # Stream mode, off (0) as in the release: a generated answer is replayed for up to this
+    # many further `segment` calls with the same instruction (one LLM pass, no decoding),
+    # then generated afresh. Each frame still gets its own query states and masks; only
+    # the answer's words are kept (see docs/benchmarks.md for the trade-off).
+    phrase_reuse_frames: int = 0
 
 
 # --------------------------------------------------------------------------------------

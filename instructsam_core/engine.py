@@ -13,19 +13,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from .backends import Backend, FrameFeatures, FrameInput, available_backends, create_backend
+from .backends import Backend, FrameHandle, FrameInput, available_backends, check_backend_options, create_backend
 from .build import BuiltModel, build_model
 from .config import PRESETS, EngineConfig, InstructSamConfig
-from .model.generation import Generation, LogitsProcessor
-from .model.sam3_head import HeadOutput
+from .outputs import Generation, HeadOutput, LogitsProcessor
 from .postprocess import slots_to_result
 from .processing import build_prompt_ids, build_prompt_prefix_ids, preprocess_sam, preprocess_vlm, validate_rgb
-from .result import Result
+from .result import STATUS_OK, Result
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +40,9 @@ def _checked_size(size: tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
-def _engine_setup(backend: str, options: dict) -> EngineConfig:
-    """Check the backend name and the engine options before anything is built."""
-    if backend not in available_backends():
-        raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
+def _engine_setup(backend: str, backend_options: dict | None, options: dict) -> EngineConfig:
+    """Check the backend, its options and the engine options before anything is built."""
+    check_backend_options(backend, backend_options or {})
     return _with_options(EngineConfig(), options)
 
 
@@ -57,13 +55,16 @@ def _with_options(config: EngineConfig, options: dict) -> EngineConfig:
         raise ValueError(f"unknown engine option in {sorted(options)}; known: {known}") from err
     if updated.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {updated.max_new_tokens}")
+    if updated.phrase_reuse_frames < 0:
+        raise ValueError(f"phrase_reuse_frames must be >= 0, got {updated.phrase_reuse_frames}")
     return updated
 
 
 class Segmenter:
     """Segments every instance an instruction names, on frames encoded once.
 
-    Build it with `Segmenter.from_pretrained`. Not thread-safe: use one per thread.
+    Build it with `Segmenter.from_pretrained`. Not thread-safe: use one per thread. It
+    talks to its backend only through the backend door (`backends.base`).
     """
 
     def __init__(self, backend: Backend, tokenizer, config: EngineConfig | None = None, checkpoint: str = "",
@@ -76,18 +77,20 @@ class Segmenter:
         self.checkpoint = checkpoint
         self.is_untrained = is_untrained
         self.phrase_mode = phrase_mode
-        self._frame: FrameFeatures | None = None
+        self._frame: FrameHandle | None = None
         self._frame_key: Hashable | None = None
         self._image_size: tuple[int, int] | None = None
         self._encode_seconds = 0.0
         self._released = False
+        self._reused: _ReusedAnswer | None = None
 
     # ---- construction -----------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path: str = "tiny", device: str | torch.device = "auto",
                         dtype: str | torch.dtype | None = None, backend: str = "eager",
-                        phrase_mode: str | None = None, **engine_options) -> "Segmenter":
+                        phrase_mode: str | None = None, backend_options: dict | None = None,
+                        **engine_options) -> "Segmenter":
         """Load a checkpoint directory, or the embedded tiny demo model.
 
         Arguments:
@@ -95,36 +98,41 @@ class Segmenter:
                 or `"tiny"`, the embedded tiny UNTRAINED model (seeded, for demos and tests).
             device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
             dtype: "float32", "bfloat16", "float16", or None/"auto" (fp32 on CPU, bf16 on CUDA).
-            backend: one of `Segmenter.available_backends()`.
+            backend: one of `Segmenter.available_backends()`: "eager" (plain PyTorch) or
+                "compiled" (torch.compile, a static KV cache, CUDA graphs on a GPU; its
+                compiled code is cached on disk, see `backends.compiled`).
             phrase_mode: "generate" (the model writes the target phrases) or "instruction"
                 (the instruction itself is the one phrase, no generation). Default:
                 "generate" for checkpoints, "instruction" for untrained weights, whose
                 random answers would never name a target.
+            backend_options: the backend's own settings (for "compiled":
+                `backends.compiled.CompiledOptions` fields, e.g. `{"cache_dir": ...}`).
             engine_options: fields of `EngineConfig` (score_threshold, max_new_tokens, ...).
         """
         if path in PRESETS and path != "tiny":
             raise ValueError(f"preset {path!r} has no embedded weights; pass its checkpoint directory "
                              f"(or Segmenter.from_config({path!r}) for random weights)")
-        engine_config = _engine_setup(backend, engine_options)
-        return cls._serve(build_model(path, device, dtype), path, backend, phrase_mode, engine_config)
+        engine_config = _engine_setup(backend, backend_options, engine_options)
+        return cls._serve(build_model(path, device, dtype), path, backend, backend_options, phrase_mode,
+                          engine_config)
 
     @classmethod
     def from_config(cls, config: str | InstructSamConfig, device: str | torch.device = "auto",
                     dtype: str | torch.dtype | None = None, backend: str = "eager", phrase_mode: str | None = None,
-                    seed: int = 0, **engine_options) -> "Segmenter":
+                    seed: int = 0, backend_options: dict | None = None, **engine_options) -> "Segmenter":
         """A Segmenter over random (seeded) weights of a preset name or a config: latency
         and memory benchmarks at real size, tests. Its masks mean nothing."""
-        engine_config = _engine_setup(backend, engine_options)
+        engine_config = _engine_setup(backend, backend_options, engine_options)
         label = config if isinstance(config, str) else "config"
-        return cls._serve(build_model(config, device, dtype, seed=seed), f"random:{label}", backend, phrase_mode,
-                          engine_config)
+        return cls._serve(build_model(config, device, dtype, seed=seed), f"random:{label}", backend,
+                          backend_options, phrase_mode, engine_config)
 
     @classmethod
-    def _serve(cls, built: BuiltModel, name: str, backend: str, phrase_mode: str | None,
-               engine_config: EngineConfig) -> "Segmenter":
+    def _serve(cls, built: BuiltModel, name: str, backend: str, backend_options: dict | None,
+               phrase_mode: str | None, engine_config: EngineConfig) -> "Segmenter":
         if built.untrained:
             log.warning(UNTRAINED_WARNING.format(name=name))
-        engine = create_backend(backend, built.model, built.device, built.dtype)
+        engine = create_backend(backend, built.model, built.device, built.dtype, backend_options)
         default_mode = "instruction" if built.untrained else "generate"
         return cls(engine, built.tokenizer, engine_config, checkpoint=str(name), is_untrained=built.untrained,
                    phrase_mode=phrase_mode or default_mode)
@@ -136,6 +144,7 @@ class Segmenter:
         updated = _with_options(self.config, engine_options)
         if updated.system_prompt != self.config.system_prompt:
             self.reset()
+        self._reused = None  # an answer reused under other settings could differ
         self.config = updated
 
     @staticmethod
@@ -144,7 +153,12 @@ class Segmenter:
 
     @property
     def model(self):
-        return self.backend.model
+        """The PyTorch model of a PyTorch backend (eager, compiled); not part of the
+        backend door, so a backend without one (TensorRT) raises AttributeError."""
+        model = getattr(self.backend, "model", None)
+        if model is None:
+            raise AttributeError(f"the {type(self.backend).__name__} backend has no PyTorch model")
+        return model
 
     @property
     def device(self) -> str:
@@ -172,16 +186,16 @@ class Segmenter:
             return
         start = time.perf_counter()
         self._frame = self.backend.encode_frames([self._frame_input(image)])[0]
-        self._synchronize()
+        self.backend.synchronize()
         self._encode_seconds = time.perf_counter() - start
         self._frame_key = key
         self._image_size = image.shape[:2]
 
     def _frame_input(self, image: np.ndarray) -> FrameInput:
         """Preprocess a validated RGB frame for both encoders, with its prompt prefix."""
-        cfg = self.model.config
+        cfg = self.backend.config
         vlm = preprocess_vlm(image, min_pixels=cfg.vlm_min_pixels, max_pixels=cfg.vlm_max_pixels)
-        prefix = build_prompt_prefix_ids(self.tokenizer, vlm.num_tokens, self.model.token_ids,
+        prefix = build_prompt_prefix_ids(self.tokenizer, vlm.num_tokens, self.backend.token_ids,
                                          self.config.system_prompt)
         return FrameInput(vlm.pixel_values, vlm.grid_thw, preprocess_sam(image, cfg.sam_image_size), prefix)
 
@@ -239,12 +253,15 @@ class Segmenter:
         threshold, max_instances = self._limits(score_threshold, max_instances)
         size = self._image_size if output_size is None else _checked_size(output_size)
         t0 = time.perf_counter()
-        generation = self._generate(self._frame, text, phrase, logits_processors)
+        reused = self._reusable_answer(text) if phrase is None and not logits_processors else None
+        generation = self._generate(self._frame, text, phrase, logits_processors, reused)
+        if phrase is None and reused is None:
+            self._remember_answer(text, generation)
         t1 = time.perf_counter()
         timings = {"image_encode": self._encode_seconds, "generate": t1 - t0}
         self._encode_seconds = 0.0  # the encode is charged to the first instruction only
         head = self.backend.segment_phrases([(self._frame, generation)])[0] if generation.phrases else None
-        self._synchronize()
+        self.backend.synchronize()
         timings["mask_head"] = time.perf_counter() - t1
         return self._to_result(generation, head, size, threshold, max_instances, timings)
 
@@ -264,20 +281,42 @@ class Segmenter:
             raise ValueError(f"max_instances must be >= 1 or None, got {max_instances}")
         return threshold, max_instances
 
-    def _generate(self, frame: FrameFeatures, text: str, phrase: str | None,
-                  logits_processors: Sequence[LogitsProcessor] = ()) -> Generation:
-        prompt = build_prompt_ids(self.tokenizer, text, frame.vision.embeds.shape[0], self.model.token_ids,
-                                  self.config.system_prompt, phrase)
-        generation = self.backend.generate(frame, prompt, self.config.max_new_tokens, logits_processors,
-                                           force_phrase_end=phrase is not None)
-        self._synchronize()
+    def _generate(self, frame: FrameHandle, text: str, phrase: str | None,
+                  logits_processors: Sequence[LogitsProcessor] = (), answer: list[int] | None = None) -> Generation:
+        """The backend's answer; with `phrase`, forced to close it at once; with `answer`,
+        forced to those tokens (a reused answer)."""
+        ids = self.backend.token_ids
+        prompt = build_prompt_ids(self.tokenizer, text, frame.num_image_tokens, ids, self.config.system_prompt, phrase)
+        if phrase is not None:
+            answer = [ids.ref_end, ids.eos[0]]
+        generation = self.backend.generate(frame, prompt, self.config.max_new_tokens, logits_processors, answer)
+        self.backend.synchronize()
         return generation
+
+    # ---- answer reuse on a stream (EngineConfig.phrase_reuse_frames) -------------------
+
+    def _reusable_answer(self, text: str) -> list[int] | None:
+        """The remembered answer to force for `text`, counting the use; None to generate."""
+        reused = self._reused
+        if self.config.phrase_reuse_frames < 1 or reused is None or reused.instruction != text or reused.uses_left < 1:
+            return None
+        reused.uses_left -= 1
+        return reused.answer
+
+    def _remember_answer(self, text: str, generation: Generation) -> None:
+        """Keep a freshly generated answer for the next calls with the same instruction."""
+        self._reused = None
+        if self.config.phrase_reuse_frames < 1 or generation.status != STATUS_OK:
+            return
+        answer = _answer_choices(generation.token_ids, self.backend.token_ids, self.backend.config.num_queries)
+        if answer is not None:
+            self._reused = _ReusedAnswer(text, answer, self.config.phrase_reuse_frames)
 
     def _to_result(self, generation: Generation, head: HeadOutput | None, image_size: tuple[int, int],
                    threshold: float, max_instances: int | None, timings: dict[str, float]) -> Result:
         """Post-process one answer; `timings` gets `postprocess` and `total`."""
         start = time.perf_counter()
-        ref = (self.model.token_ids.ref_start, self.model.token_ids.ref_end)
+        ref = (self.backend.token_ids.ref_start, self.backend.token_ids.ref_end)
         phrases = [self.tokenizer.decode([t for t in ids if t not in ref]).strip() for ids in generation.phrase_token_ids]
         if head is None:
             result = Result.empty(image_size)
@@ -326,7 +365,7 @@ class Segmenter:
             chunk = checked[start:start + size]
             t0 = time.perf_counter()
             frames = self.backend.encode_frames([self._frame_input(image) for image, _, _ in chunk])
-            self._synchronize()
+            self.backend.synchronize()
             encode_share = (time.perf_counter() - t0) / len(chunk)
             generations, generate_times = [], []
             for frame, (_, text, phrase) in zip(frames, chunk):
@@ -336,7 +375,7 @@ class Segmenter:
             answered = [i for i, g in enumerate(generations) if g.phrases]
             t2 = time.perf_counter()
             heads = self.backend.segment_phrases([(frames[i], generations[i]) for i in answered]) if answered else []
-            self._synchronize()
+            self.backend.synchronize()
             head_share = (time.perf_counter() - t2) / max(1, len(answered))
             head_of = dict(zip(answered, heads))
             for i, ((image, _, _), generation) in enumerate(zip(chunk, generations)):
@@ -346,6 +385,26 @@ class Segmenter:
                                                max_instances, timings))
         return results
 
-    def _synchronize(self) -> None:
-        if self.backend.device.type == "cuda":
-            torch.cuda.synchronize(self.backend.device)
+
+@dataclass
+class _ReusedAnswer:
+    instruction: str
+    answer: list[int]  # the answer's chosen tokens (each phrase end stands for its query block)
+    uses_left: int
+
+
+def _answer_choices(token_ids: list[int], ids, num_queries: int) -> list[int] | None:
+    """The tokens an answer chose, each query block folded into the phrase end that opened
+    it; None when the answer holds block tokens outside a whole block (not replayable)."""
+    block_tail = [ids.mask_start] + [ids.seg] * num_queries + [ids.mask_end]
+    choices, i = [], 0
+    while i < len(token_ids):
+        token = token_ids[i]
+        choices.append(token)
+        if token == ids.ref_end and token_ids[i + 1:i + 1 + len(block_tail)] == block_tail:
+            i += 1 + len(block_tail)
+            continue
+        if token in (ids.mask_start, ids.seg, ids.mask_end):
+            return None
+        i += 1
+    return choices

@@ -99,3 +99,33 @@ def tiny_segmenter(tiny_checkpoint):
     from instructsam_core.engine import Segmenter
 
     return Segmenter.from_pretrained(str(tiny_checkpoint), phrase_mode="instruction")
+
+
+# The compiled backend: compiling on CPU takes minutes, so one engine serves the whole run
+# (its caches in a directory of the run's own, cold at the start, as on a fresh machine).
+# Its tests feed it one frame size (COMPILED_FRAME_SIZE) and short instructions, so the
+# few graphs compiled for the first test serve the others.
+COMPILED_FRAME_SIZE = (480, 640)  # (H, W): the latency benchmark's frame
+
+
+@pytest.fixture(scope="session")
+def compiled_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("compile-cache")
+
+
+@pytest.fixture(scope="session")
+def compiled_segmenter(tiny_checkpoint, compiled_cache_dir):
+    """The tiny checkpoint on the compiled backend (CPU, float32). Shared: restore any
+    setting you change."""
+    from instructsam_core.engine import Segmenter
+
+    return Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", dtype="float32", backend="compiled",
+                                     backend_options={"cache_dir": str(compiled_cache_dir)})
+
+
+@pytest.fixture(scope="session")
+def eager_twin(tiny_checkpoint):
+    """The same checkpoint on the eager backend, to compare the compiled one with."""
+    from instructsam_core.engine import Segmenter
+
+    return Segmenter.from_pretrained(str(tiny_checkpoint), device="cpu", dtype="float32")

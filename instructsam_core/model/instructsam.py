@@ -186,13 +186,15 @@ class InstructSam(nn.Module):
         """Qwen3-VL vision tower on one image's patches `(N_patches, C*T*P*P)`."""
         return self.encode_images_vlm([pixel_values], [grid_thw])[0]
 
-    def encode_images_vlm(self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]]
-                          ) -> list[VisionTokens]:
-        """Qwen3-VL vision tower on several images in one call (their patches concatenated)."""
+    def encode_images_vlm(self, pixel_values: list[torch.Tensor], grids: list[tuple[int, int, int]],
+                          **grid_inputs) -> list[VisionTokens]:
+        """Qwen3-VL vision tower on several images in one call (their patches concatenated).
+        `grid_inputs`: what the tower would derive from the grids, precomputed (see
+        `backends.compiled`; transformers' vision towers take them as keyword arguments)."""
         visual = self.vlm.model.visual
         device = pixel_values[0].device
         grid = torch.tensor([list(g) for g in grids], dtype=torch.long, device=device)
-        out = visual(torch.cat(pixel_values).to(visual.dtype), grid_thw=grid)
+        out = visual(torch.cat(pixel_values).to(visual.dtype), grid_thw=grid, **grid_inputs)
         if isinstance(out, tuple):  # older transformers return (embeds, deepstack)
             embeds, deepstack = out
         else:

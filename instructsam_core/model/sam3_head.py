@@ -10,8 +10,6 @@ weight lives in the stock modules, so checkpoints keep transformers' key names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,44 +17,9 @@ from transformers import Sam3Config, Sam3Model
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy, inverse_sigmoid
 
+from ..outputs import HeadOutput
+
 PRESENCE_MODULES = ("presence_token", "presence_head", "presence_layer_norm")
-
-
-@dataclass
-class HeadOutput:
-    """Per-slot predictions of the SAM3 head.
-
-    Attributes:
-        mask_logits: `(B, K, h, w)` mask logits at SAM3's mask resolution (288 at 1008 px).
-        logits: `(B, K)` slot logits from dot-product scoring (query . pooled prompt).
-        boxes: `(B, K, 4)` normalised xyxy boxes in [0, 1] from the decoder's box head.
-        presence_logits: `(B, 1)` presence logits, or None without the presence token.
-        layer_boxes: `(B, L, K, 4)` every decoder layer's xyxy box prediction (the last is
-            `boxes`), differentiable through the box head: what a box loss supervises.
-        semantic_logits: `(B, h, w)` the mask decoder's semantic head: one mask of
-            everything the prompt names (SAM3 trains it; inference does not use it).
-    """
-
-    mask_logits: torch.Tensor
-    logits: torch.Tensor
-    boxes: torch.Tensor
-    presence_logits: torch.Tensor | None = None
-    layer_boxes: torch.Tensor | None = None
-    semantic_logits: torch.Tensor | None = None
-
-    def split(self, sizes: list[int]) -> list["HeadOutput"]:
-        """Per-group outputs of a head run over several groups of rows (`sizes` rows each)."""
-        parts = [torch.split(t, sizes) if t is not None else [None] * len(sizes)
-                 for t in (self.mask_logits, self.logits, self.boxes, self.presence_logits, self.layer_boxes,
-                           self.semantic_logits)]
-        return [HeadOutput(*fields) for fields in zip(*parts)]
-
-    def scores(self) -> torch.Tensor:
-        """`(B, K)` slot probabilities; with a presence token, times its probability."""
-        scores = self.logits.sigmoid()
-        if self.presence_logits is not None:
-            scores = scores * self.presence_logits.sigmoid()
-        return scores
 
 
 def build_sam3(sam3_config: dict, num_queries: int, use_presence: bool) -> Sam3Model:
@@ -123,7 +86,7 @@ def decode_queries(
     vision_pos: torch.Tensor,
     text_features: torch.Tensor,
     text_mask: torch.Tensor | None,
-    spatial_shapes: torch.Tensor,
+    spatial_shape: tuple[int, int],
     use_presence: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run SAM3's DETR decoder on external queries.
@@ -134,7 +97,8 @@ def decode_queries(
         vision_features, vision_pos: `(B, HW, D)` fused image tokens and their positions.
         text_features: `(B, L, D)` prompt tokens after the fusion encoder.
         text_mask: `(B, L)` bool, True = valid prompt token.
-        spatial_shapes: `(1, 2)` feature map size, for the box relative position bias.
+        spatial_shape: `(h, w)` of the feature map, for the box relative position bias (plain
+            ints: as tensors they would cost a host sync per layer and break compiled graphs).
         use_presence: prepend the learned presence token, as stock SAM3 does.
 
     Returns:
@@ -157,7 +121,7 @@ def decode_queries(
     layer_boxes = []
     for layer in decoder.layers:
         query_pos = decoder.ref_point_head(decoder.position_encoding.encode_boxes(ref_boxes))  # (B, K, D)
-        rpb = decoder._get_rpb_matrix(ref_boxes, (spatial_shapes[0, 0], spatial_shapes[0, 1]))  # (B, h, K, HW)
+        rpb = decoder._get_rpb_matrix(ref_boxes, spatial_shape)  # (B, h, K, HW)
         if pad:
             query_pos = F.pad(query_pos, (0, 0, pad, 0))
             rpb = F.pad(rpb, (0, 0, pad, 0))
@@ -205,7 +169,7 @@ def run_head(
         queries = decoder.query_embed.weight.unsqueeze(0).expand(prompt.shape[0], -1, -1)
     hidden, layer_boxes, presence_logits = decode_queries(
         decoder, queries, encoded.last_hidden_state, encoded.pos_embeds_flattened, encoded.text_features,
-        prompt_mask, encoded.spatial_shapes, use_presence)
+        prompt_mask, tuple(fpn[-1].shape[-2:]), use_presence)
     layer_boxes = box_cxcywh_to_xyxy(layer_boxes)
     logits = sam3.dot_product_scoring(decoder_hidden_states=hidden[None], text_features=encoded.text_features,
                                       text_mask=prompt_mask)[0, ..., 0]  # (B, K)

@@ -124,8 +124,12 @@ def test_untrained_preset_says_so(caplog):
 
 
 def test_unknown_backend_device_and_dtype_are_named(tiny_checkpoint):
-    with pytest.raises(ValueError, match="unknown backend 'tensorrt'; available: \\['eager'\\]"):
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'; available: \\['compiled', 'eager'\\]"):
         Segmenter.from_pretrained(str(tiny_checkpoint), backend="tensorrt")
+    with pytest.raises(ValueError, match="unknown option\\(s\\) \\['max_cache'\\] of backend 'compiled'"):
+        Segmenter.from_pretrained(str(tiny_checkpoint), backend="compiled", backend_options={"max_cache": 8})
+    with pytest.raises(ValueError, match="backend 'eager' takes no options"):
+        Segmenter.from_pretrained(str(tiny_checkpoint), backend_options={"cache_dir": "/tmp"})
     with pytest.raises(ValueError, match="unknown dtype"):
         Segmenter.from_pretrained(str(tiny_checkpoint), dtype="int3")
     if not torch.cuda.is_available():
@@ -172,3 +176,47 @@ def test_an_answer_the_release_cannot_pair_gives_no_instance_and_says_why(tiny_c
         seg.update_config(max_new_token=3)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         seg.update_config(max_new_tokens=0)
+
+
+def test_an_answer_is_reused_for_a_fixed_instruction_then_generated_again(tiny_checkpoint, image):
+    """Stream mode (phrase_reuse_frames=2): the next two calls with the same instruction
+    replay the generated answer on their own frame; the third generates again."""
+    from instructsam_core.processing import encode_text
+    from instructsam_core.testing import ScriptedAnswer
+
+    plain = Segmenter.from_pretrained(str(tiny_checkpoint), max_new_tokens=6)
+    ids, tok = plain.model.token_ids, plain.tokenizer
+    script = [ids.ref_start] + encode_text(tok, "red mug") + [ids.ref_end, ids.im_end]
+    frames = [image, tabletop_scene(96, 72, seed=2).image]
+    expected = [plain.segment_image(f, "the mug", score_threshold=0.0, logits_processors=[ScriptedAnswer(script)])
+                for f in frames]
+
+    seg = Segmenter.from_pretrained(str(tiny_checkpoint), max_new_tokens=6, phrase_reuse_frames=2)
+    forced = []
+    generate = seg.backend.generate
+    seg.backend.generate = lambda *args, **kw: forced.append(args[4] if len(args) > 4 else kw.get("forced_answer")) \
+        or generate(*args, **kw)
+    first = seg.segment_image(frames[0], "the mug", score_threshold=0.0, logits_processors=[ScriptedAnswer(script)])
+    replays = [seg.segment_image(f, "the mug", score_threshold=0.0) for f in frames]
+    seg.segment_image(frames[1], "the mug", score_threshold=0.0)  # uses spent: generated again
+    assert forced == [None, script, script, None]  # the answer's choices; the block is re-opened by ref_end
+    for result, reference in zip([first, *replays], [expected[0], *expected]):
+        assert result.generated_text == reference.generated_text and result.status == "ok"
+        np.testing.assert_array_equal(result.masks, reference.masks)
+        np.testing.assert_array_equal(result.scores, reference.scores)
+    seg.segment_image(frames[0], "the mug", score_threshold=0.0, logits_processors=[ScriptedAnswer(script)])
+    seg.update_config(mask_nms_iou=0.7)  # other settings: the remembered answer is dropped
+    seg.segment_image(frames[0], "the mug", score_threshold=0.0)
+    assert forced[-2:] == [None, None]
+    with pytest.raises(ValueError, match="phrase_reuse_frames must be >= 0"):
+        seg.update_config(phrase_reuse_frames=-1)
+
+
+def test_only_whole_query_blocks_fold_into_a_replayable_answer():
+    from instructsam_core.engine import _answer_choices
+    from instructsam_core.tokens import TokenIds
+
+    ids = TokenIds(seg=9, mask_start=8, mask_end=7, ref_start=5, ref_end=6, im_end=3, eos=(3, 4))
+    answer = [5, 1, 6, 8, 9, 9, 7, 2, 5, 1, 6, 8, 9, 9, 7, 3]  # two phrases with K=2 blocks, then the end
+    assert _answer_choices(answer, ids, num_queries=2) == [5, 1, 6, 2, 5, 1, 6, 3]
+    assert _answer_choices([5, 1, 6, 8, 9, 7, 3], ids, num_queries=2) is None  # a block cut short

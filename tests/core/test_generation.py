@@ -48,7 +48,7 @@ def test_forced_phrase_skips_generation(tiny_model, tiny_tester):
     inputs = tiny_tester.prepare_inputs(model, tok)
     ids = model.token_ids
     prompt = inputs.prompt_ids + [ids.ref_start] + encode_text(tok, "the mug")
-    out = generate(model, torch.tensor([prompt]), inputs.vision, 40, force_phrase_end=True)
+    out = generate(model, torch.tensor([prompt]), inputs.vision, 40, forced_answer=[ids.ref_end, ids.eos[0]])
     assert len(out.phrases) == 1
     assert tok.decode(out.phrases[0].token_ids[1:-1]) == "the mug"
     assert out.token_ids == [ids.ref_end, ids.mask_start] + [ids.seg] * 4 + [ids.mask_end, ids.eos[0]]
@@ -95,31 +95,51 @@ def test_prefix_of_another_frame_is_refused(tiny_model, tiny_tester):
 
 
 def test_release_layout_numbers_the_prompt_sequentially_and_shifts_the_block(tiny_model):
-    from instructsam_core.model.generation import _step_layout
+    from instructsam_core.model.generation import chunk_layout, query_block
 
     model, _ = tiny_model
     assert model.config.generation_compat == "release"
-    ids = model.token_ids
-    block = torch.tensor([[ids.ref_end, ids.mask_start] + [ids.seg] * 4 + [ids.mask_end]])
-    positions, mask = _step_layout(model, block, torch.tensor([20]), past_len=20, is_block=True)
+    block = query_block(model)
+    positions, mask, next_pos = chunk_layout(model, block, torch.tensor([20]), past_len=20)
     assert positions[0, 0].tolist() == list(range(21, 28))  # one past the next position
     assert torch.equal(positions[0], positions[1]) and torch.equal(positions[0], positions[2])
+    assert next_pos.tolist() == [27]  # the token after the block continues from its start + length
     m = mask[0, 0, :, 20:]
     assert not m[0, 1:].any() and not m[1, 2:].any()  # ref_end and mask_start stay causal
     assert m[2:].all()  # the queries and mask_end see the whole block, mask_end included
-    positions, mask = _step_layout(model, block[:, :1], torch.tensor([20]), past_len=20, is_block=False)
+    positions, mask, _ = chunk_layout(model, block[:1], torch.tensor([20]), past_len=20)
     assert positions[0, 0].tolist() == [20] and mask is None  # one token: plain causal
 
 
 def test_consistent_layout_continues_positions_and_hides_mask_end(consistent_model):
-    from instructsam_core.model.generation import _step_layout
+    from instructsam_core.model.generation import chunk_layout, query_block
 
     model, _ = consistent_model
-    ids = model.token_ids
-    block = torch.tensor([[ids.ref_end, ids.mask_start] + [ids.seg] * 4 + [ids.mask_end]])
-    positions, mask = _step_layout(model, block, torch.tensor([20]), past_len=20, is_block=True)
+    positions, mask, _ = chunk_layout(model, query_block(model), torch.tensor([20]), past_len=20)
     assert positions[0, 0].tolist() == list(range(20, 27))
     assert not mask[0, 0, 2:6, 26].any()  # queries do not see <|mask_end|>
+
+
+@pytest.mark.parametrize("compat", ["release", "consistent"])
+def test_a_chunk_of_several_steps_is_laid_out_as_the_steps_one_by_one(compat, tiny_model, consistent_model):
+    """Text, a query block and more text in one chunk get the positions and masks that
+    feeding them step by step gives (what a backend's fused pass relies on)."""
+    from instructsam_core.model.generation import chunk_layout, query_block
+
+    model, _ = tiny_model if compat == "release" else consistent_model
+    steps = [[7], [8], query_block(model), [9], query_block(model)]
+    chunk = [t for step in steps for t in step]
+    positions, mask, next_pos = chunk_layout(model, chunk, torch.tensor([20]), past_len=20)
+    pos, past, start = torch.tensor([20]), 20, 0
+    for step in steps:
+        step_positions, step_mask, pos = chunk_layout(model, step, pos, past)
+        rows = slice(start, start + len(step))
+        assert torch.equal(positions[..., rows], step_positions)
+        expected = torch.ones(len(step), past + len(step), dtype=torch.bool) if step_mask is None else step_mask[0, 0]
+        assert torch.equal(mask[0, 0, rows, :past + len(step)], expected)
+        assert not mask[0, 0, rows, past + len(step):].any()  # nothing later in the chunk is seen
+        past, start = past + len(step), start + len(step)
+    assert torch.equal(next_pos, pos)
 
 
 def test_release_mode_answers_with_phrases_too(tiny_model, tiny_tester):

@@ -1,0 +1,63 @@
+"""What the PyTorch backends (eager, compiled) share: the model, its placement, the
+SAM3-head inputs packed from the answers, and `release` (weights back to the CPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..model.instructsam import InstructSam, SamFeatures
+from ..outputs import Generation
+from .base import Backend, FrameHandle
+
+
+class TorchBackend(Backend):
+    """A backend over the PyTorch `InstructSam` model.
+
+    Arguments:
+        model: the InstructSAM model (moved to `device`/`dtype` and set to eval here).
+        device: torch device.
+        dtype: floating dtype of the weights and activations.
+    """
+
+    def __init__(self, model: InstructSam, device: torch.device, dtype: torch.dtype):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.config = model.config
+        self.token_ids = model.token_ids
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def release(self) -> None:
+        """Move the weights to the CPU and return the cached device memory."""
+        self.model.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def pack_phrases(self, answers: Sequence[tuple[FrameHandle, Generation]], sam: Sequence[SamFeatures]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, SamFeatures]:
+        """The SAM3 head's inputs for every paired phrase of the answers, padded to
+        `max_phrase_tokens` (`sam[i]`: the features of answer i's frame).
+
+        Returns `(query_states (P, K, H), phrase_ids (P, T), phrase_mask (P, T),
+        phrase_hidden (P, T, H), features (one row per phrase))`.
+        """
+        model = self.model
+        phrases = [(i, p) for i, (_, generation) in enumerate(answers) for p in generation.phrases]
+        T = model.config.max_phrase_tokens
+        phrase_ids = torch.zeros(len(phrases), T, dtype=torch.long)
+        phrase_mask = torch.zeros(len(phrases), T, dtype=torch.bool)
+        hidden = model.mask_queries.new_zeros(len(phrases), T, model.mask_queries.shape[-1])
+        for row, (_, phrase) in enumerate(phrases):
+            n = len(phrase.token_ids)
+            phrase_ids[row, :n] = torch.tensor(phrase.token_ids)
+            phrase_mask[row, :n] = True
+            hidden[row, :n] = phrase.phrase_states
+        queries = torch.stack([p.query_states for _, p in phrases])  # (P, K, H)
+        frame_of_phrase = torch.tensor([i for i, _ in phrases], dtype=torch.long, device=self.device)
+        features = SamFeatures.cat(list(sam)).take(frame_of_phrase)
+        return queries, phrase_ids.to(self.device), phrase_mask.to(self.device), hidden, features
