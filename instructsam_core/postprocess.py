@@ -49,6 +49,14 @@ def label_image(masks: np.ndarray, dtype: type = np.uint16) -> np.ndarray:
     return labels
 
 
+def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """IoU of two `(H, W)` bool masks; 1.0 when both are empty (a correct "no target")."""
+    if pred.shape != gt.shape:
+        raise ValueError(f"mask shapes differ: {pred.shape} and {gt.shape}")
+    union = int(np.logical_or(pred, gt).sum())
+    return 1.0 if union == 0 else int(np.logical_and(pred, gt).sum()) / union
+
+
 def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU of one mask `(H*W,)` against many `(M, H*W)` (bool)."""
     inter = (a[None] & b).sum(dim=1).float()

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from instructsam_core.postprocess import label_image, masks_to_boxes, slots_to_result
+from instructsam_core.postprocess import label_image, mask_iou, masks_to_boxes, slots_to_result
 
 
 def test_boxes_use_inclusive_max_pixel_and_empty_masks_have_none():
@@ -90,3 +90,15 @@ def test_label_image_lower_id_wins_overlaps_and_is_lossless_elsewhere():
         np.testing.assert_array_equal((labels == k + 1) & only, masks[k] & only)
     with pytest.raises(ValueError, match="do not fit a uint8 label image"):
         label_image(np.zeros((256, 2, 2), bool), np.uint8)
+
+
+def test_mask_iou_by_hand_and_two_empty_masks_agree():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[0, :2] = True  # 2 pixels
+    b[0, 1:4] = True  # 3 pixels, 1 shared
+    assert mask_iou(a, b) == pytest.approx(1 / 4)
+    assert mask_iou(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
+    assert mask_iou(a, np.zeros((4, 4), bool)) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        mask_iou(a, np.zeros((3, 4), bool))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from instructsam_core.sample_images import COLOURS, KINDS, SIZES, Scene, SceneObject, random_scene
-from training.tabletop import (HELD_OUT_COMBINATIONS, INSTRUCTION_KINDS, STAGE1_KINDS, expressions, make_scene,
+from instructsam_core.world import INSTRUCTION_KINDS, expressions
+from training.tabletop import (HELD_OUT_COMBINATIONS, STAGE1_KINDS, make_scene,
                                write_split)
 
 
