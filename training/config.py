@@ -130,6 +130,9 @@ class LossConfig:
     box_giou: float = 0.0
     match_box_l1: float = 0.0
     match_box_giou: float = 0.0
+    # A matched slot's score target: "dice" (the release: max(its mask's Dice, 0.1)) or
+    # "one" (DETR's class target; see training/losses.py).
+    score_target: str = "dice"
     # SAM3's semantic head (one mask of all a phrase names): BCE and Dice weights; off in
     # the release's recipe, a dense signal for a head trained from random weights.
     semantic_bce: float = 0.0

@@ -9,7 +9,9 @@ What the release computes (its assigner, point sampler and loss modules), writte
 - matched masks: BCE and Dice (eps 1.0) on `num_points` points, 3/4 of them the most
   uncertain of 3x as many random ones (|logit| smallest), 1/4 uniform;
 - slot scores: BCE against max(dice(sigmoid mask, instance), 0.1) for matched slots and 0
-  for the others (all 0 for a phrase with no instance);
+  for the others (all 0 for a phrase with no instance); optionally 1 for matched slots
+  (`score_target="one"`, DETR's class target: a matched slot's score does not wait for
+  its mask to be good, which matters for a head trained from random weights);
 - averages: mask terms over all matched slots of the batch, the score term over phrases.
 
 Optionally (off in the release's recipe, whose SAM3 starts pretrained), DETR's box terms:
@@ -29,6 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
+
+
+SCORE_TARGETS = ("dice", "one")
 
 
 def dice_cost(pred_probs: torch.Tensor, gt: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -168,7 +173,7 @@ class MaskLosses:
 def mask_losses(mask_logits: torch.Tensor, slot_logits: torch.Tensor, targets: list[torch.Tensor],
                 match_weights: tuple[float, float, float], num_points: int, oversample_ratio: float,
                 importance_sample_ratio: float, layer_boxes: torch.Tensor | None = None,
-                box_match_weights: tuple[float, float] = (0.0, 0.0)) -> MaskLosses:
+                box_match_weights: tuple[float, float] = (0.0, 0.0), score_target: str = "dice") -> MaskLosses:
     """Match each phrase's slots to its instances, then the release's losses.
 
     Arguments:
@@ -179,7 +184,11 @@ def mask_losses(mask_logits: torch.Tensor, slot_logits: torch.Tensor, targets: l
             the box L1 and generalized-IoU losses (the mean over layers of each layer's
             mean over matched slots; L1 summed over the 4 coordinates, as DETR).
         box_match_weights: (L1, GIoU) matching cost weights on the last layer's boxes.
+        score_target: what a matched slot's score learns: "dice" (the release: max(Dice of
+            its mask, 0.1)) or "one" (DETR's class target: 1).
     """
+    if score_target not in SCORE_TARGETS:
+        raise ValueError(f"score_target must be one of {SCORE_TARGETS}, got {score_target!r}")
     if len(targets) != mask_logits.shape[0]:
         raise ValueError(f"{mask_logits.shape[0]} query blocks but {len(targets)} phrase targets")
     matched_logits, matched_gt, score_loss, matched_boxes, matched_gt_boxes = [], [], [], [], []
@@ -190,18 +199,18 @@ def mask_losses(mask_logits: torch.Tensor, slot_logits: torch.Tensor, targets: l
                              "set data.mask_size to the model's mask resolution")
         last_boxes = layer_boxes[p, -1] if layer_boxes is not None else None
         rows, cols = match_slots(mask_logits[p], slot_logits[p], gt, match_weights, last_boxes, box_match_weights)
-        score_target = torch.zeros_like(slot_logits[p], dtype=torch.float32)
+        targets_p = torch.zeros_like(slot_logits[p], dtype=torch.float32)
         if len(rows):
             rows_t = torch.as_tensor(rows, device=mask_logits.device)
             cols_t = torch.as_tensor(cols, device=mask_logits.device)
             quality = dice_score(mask_logits[p, rows_t].sigmoid(), gt[cols_t])
-            score_target[rows_t] = quality.clamp(min=0.1)
+            targets_p[rows_t] = quality.clamp(min=0.1) if score_target == "dice" else 1.0
             matched_logits.append(mask_logits[p, rows_t])
             matched_gt.append(gt[cols_t])
             if layer_boxes is not None:
                 matched_boxes.append(layer_boxes[p][:, rows_t])  # (L, M, 4)
                 matched_gt_boxes.append(mask_boxes(gt[cols_t]))
-        score_loss.append(F.binary_cross_entropy_with_logits(slot_logits[p].float(), score_target))
+        score_loss.append(F.binary_cross_entropy_with_logits(slot_logits[p].float(), targets_p))
     zero = mask_logits.sum() * 0.0  # keeps the graph when nothing matched
     box_l1 = box_giou = zero
     if matched_boxes:

@@ -138,7 +138,7 @@ def forward_losses(model, batch: Batch, cfg: TrainConfig, amp_context) -> tuple[
                         (loss_cfg.match_bce, loss_cfg.match_dice, loss_cfg.match_score), loss_cfg.num_points,
                         loss_cfg.oversample_ratio, loss_cfg.importance_sample_ratio,
                         out.head.layer_boxes if use_boxes else None,
-                        (loss_cfg.match_box_l1, loss_cfg.match_box_giou))
+                        (loss_cfg.match_box_l1, loss_cfg.match_box_giou), loss_cfg.score_target)
     parts.update(mask_bce=masks.bce, mask_dice=masks.dice, score=masks.score)
     if use_boxes:
         parts.update(box_l1=masks.box_l1, box_giou=masks.box_giou)
@@ -246,12 +246,12 @@ class StopSignal:
 
 
 def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
-    import yaml
-
     saved_file = run_dir / "config.yaml"
     if not saved_file.is_file():
         return
-    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    # Read through load_config, so a setting added since the run started takes its default
+    # and does not count as a change.
+    saved = load_config(saved_file).to_dict()
     now = cfg.to_dict()
     changed = [f"{s}.{k}" for s in RESUMABLE_SECTIONS for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
     changed += [f"loop.{k}" for k in RESUMABLE_LOOP_KEYS if saved.get("loop", {}).get(k) != now["loop"][k]]

@@ -26,7 +26,9 @@ def test_fan_in_init_redraws_layers_keeps_embeddings_and_is_seeded():
     embed = a.vlm.model.language_model.embed_tokens.weight
     assert torch.equal(embed, embed_before)  # embeddings (and the lm_head tied to them) stay
     assert a.vlm.lm_head.weight is embed
-    assert torch.equal(a.mask_queries, before.mask_queries)
+    assert abs(float(a.mask_queries.std()) - 1.0) < 0.2  # the bank at DETR's scale
+    cos = torch.nn.functional.cosine_similarity(a.mask_queries[:, None], a.mask_queries[None], dim=-1)
+    assert float((cos - torch.eye(len(cos))).abs().max()) < 0.9  # distinct slots
 
 
 def test_transformers_init_is_the_built_model():

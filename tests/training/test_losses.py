@@ -116,6 +116,18 @@ def test_score_target_is_at_least_a_tenth_for_a_matched_slot():
     assert float(out.score) == pytest.approx(float(expected), abs=1e-6)
 
 
+def test_score_target_one_is_detrs_class_target_whatever_the_mask():
+    gt = torch.zeros(1, 4, 4)
+    gt[0, 0, 0] = 1
+    logits = torch.full((1, 2, 4, 4), -20.0)
+    logits[0, 1, 0, 0] = 20.0  # slot 1 is the match, its mask is good or bad alike
+    out = mask_losses(logits, torch.zeros(1, 2), [gt], (2.0, 0.5, 1.0), 16, 3.0, 0.75, score_target="one")
+    expected = F.binary_cross_entropy_with_logits(torch.zeros(2), torch.tensor([0.0, 1.0]))
+    assert float(out.score) == pytest.approx(float(expected), abs=1e-6)
+    with pytest.raises(ValueError, match="score_target"):
+        mask_losses(logits, torch.zeros(1, 2), [gt], (2.0, 0.5, 1.0), 16, 3.0, 0.75, score_target="iou")
+
+
 def test_text_loss_predicts_the_next_labelled_token_only():
     logits = torch.zeros(1, 4, 3)
     logits[0, 1, 2] = math.log(4.0)  # position 1 predicts token 2 with p = 4/6

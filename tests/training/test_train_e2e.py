@@ -157,3 +157,13 @@ def test_a_resume_with_another_recipe_is_refused(data, tmp_path):
     train(_short(data[0], run, "loop.stop_after=2"))
     with pytest.raises(ValueError, match="another configuration \\(optim.llm_lr"):
         train(_short(data[0], run, "optim.llm_lr=1e-2"))
+
+
+def test_a_setting_added_since_the_run_started_takes_its_default_on_resume(data, tmp_path):
+    run = tmp_path / "run"
+    train(_short(data[0], run, "loop.stop_after=2"))
+    saved = run / "config.yaml"
+    lines = saved.read_text().splitlines()
+    assert any("score_target:" in line for line in lines)
+    saved.write_text("\n".join(line for line in lines if "score_target:" not in line) + "\n")  # an older run's file
+    assert train(_short(data[0], run))["finished"]
