@@ -21,7 +21,8 @@ TORCH_SPEC ?= torch==2.13.0
 ROS2_CLI ?= ../shared/ros2_cli
 PYTEST := -m pytest -q -p no:cacheprovider -rs --durations=15
 
-.PHONY: setup setup-core setup-ros setup-ros-jazzy demo test test-kilted test-jazzy test-core segment clean
+.PHONY: setup setup-core setup-ros setup-ros-jazzy demo test test-kilted test-jazzy test-core segment clean \
+	train-default train-default-pilot
 
 setup: setup-ros
 
@@ -65,6 +66,16 @@ test-jazzy: setup-ros-jazzy
 # Core only (no ROS): what a training cluster or GPU server needs.
 test-core: setup-core
 	$(PY) $(PYTEST) tests/core tests/training
+
+# The shipped default model: synthetic data, both training stages, held-out evaluation,
+# model card, installed into instructsam_core/default_model (resumable: run it again to go
+# on). One torch thread, as the shipped model was trained, so the card's scores reproduce.
+train-default: setup-core
+	$(PY) -m training.default_model --out runs/default_model --threads 1 --ship instructsam_core/default_model
+
+# A short pilot of the same (about 15 minutes): its learning curves in runs/default_model/pilot/model/curves.png.
+train-default-pilot: setup-core
+	$(PY) -m training.default_model --out runs/default_model --threads 1 --pilot
 
 segment: setup-core
 	$(VENV)/bin/instructsam segment --instruction "the red mug" --out out/overlay.png
