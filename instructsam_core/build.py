@@ -3,6 +3,7 @@
     built = build_model("tiny")                                  # a preset, random (seeded) weights
     built = build_model(InstructSamConfig(num_queries=20))       # a config, random weights
     built = build_model("/models/InstructSAM-2B", device="auto")  # a checkpoint directory
+    built = build_model("default")                               # the shipped default model
     built = from_base_models("/models/Qwen3-VL-2B-Instruct", "/models/sam3")  # stage-1 start
 
 `resolve_device` and `resolve_dtype` turn the names every entry point accepts ("auto",
@@ -26,6 +27,12 @@ from .config import PRESETS, InstructSamConfig, preset
 from .model.instructsam import InstructSam
 from .processing import build_offline_qwen_tokenizer, load_tokenizer
 from .tokens import ADDED_TOKENS, token_ids_from_tokenizer
+
+# The model this package ships (a checkpoint directory inside it, trained by
+# `make train-default` on the synthetic tabletop world): what every entry point loads
+# when no checkpoint is given.
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -76,13 +83,23 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def default_model_dir() -> Path:
+    """The shipped default model's checkpoint directory; FileNotFoundError saying how to
+    make it when this install lacks its weights."""
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"the default model is not in this install ({DEFAULT_MODEL_DIR} has no "
+                                "config.json); `make train-default` trains it, or pass a checkpoint directory")
+    return DEFAULT_MODEL_DIR
+
+
 def build_model(source: str | os.PathLike | InstructSamConfig, device: str | torch.device = "auto",
                 dtype: str | torch.dtype | None = None, seed: int | None = 0, tokenizer=None) -> BuiltModel:
     """The model from a preset name, a config, or a checkpoint directory.
 
     Arguments:
-        source: a name in `config.PRESETS` or an `InstructSamConfig` (random weights), or
-            a checkpoint directory (config.json + safetensors + tokenizer; strict load).
+        source: a name in `config.PRESETS` or an `InstructSamConfig` (random weights),
+            a checkpoint directory (config.json + safetensors + tokenizer; strict load), or
+            "default", the checkpoint this package ships (`default_model_dir`).
         device, dtype: see `resolve_device` / `resolve_dtype`.
         seed: random weights are drawn from this seed (the same on every call for a
             device; CPU and CUDA generators differ), without touching the caller's random
@@ -99,7 +116,7 @@ def build_model(source: str | os.PathLike | InstructSamConfig, device: str | tor
         model, tokenizer = _random_model(config, seed, tokenizer, dev)
         model.to(dtype=torch_dtype)
         return BuiltModel(model.eval(), tokenizer, dev, torch_dtype, untrained=True)
-    path = Path(source)
+    path = default_model_dir() if source == DEFAULT_MODEL else Path(source)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist "
                                 f"(or give a preset name: {', '.join(sorted(PRESETS))})")

@@ -2,8 +2,9 @@
 
     instructsam segment --checkpoint DIR --image IMG --instruction "the red mug" --out overlay.png
 
-Prints the instances as JSON on stdout and writes the overlay. `--checkpoint tiny` (the
-default) uses the embedded tiny UNTRAINED model; `--image sample` a procedural tabletop.
+Prints the instances as JSON on stdout and writes the overlay. Without `--checkpoint` the
+shipped default model runs (trained on the synthetic tabletop world only); `--checkpoint
+tiny` is the tiny UNTRAINED test model; `--image sample` a procedural scene of that world.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ import sys
 import numpy as np
 from PIL import Image
 
+from .build import DEFAULT_MODEL
 from .export.commands import add_commands as add_acceleration_commands
 
 
 def _load_image(spec: str) -> np.ndarray:
     if spec.startswith("sample"):
-        from .sample_images import tabletop_scene
+        from .sample_images import random_scene
 
         seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
-        return tabletop_scene(seed=seed).image
+        return random_scene(seed).image
     from .processing import load_rgb
 
     try:
@@ -36,7 +38,7 @@ def _load_image(spec: str) -> np.ndarray:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .engine import Segmenter
+    from .engine import DEFAULT_MODEL_NOTE, Segmenter
     from .fileio import atomic_file
     from .visualize import draw_overlay
 
@@ -48,6 +50,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: cannot load checkpoint {args.checkpoint!r}: {err}") from err
     # The engine logs the untrained-model warning; the overlay and the JSON say it too.
     banner = "UNTRAINED tiny model: masks are random" if seg.is_untrained else ""
+    if args.checkpoint == DEFAULT_MODEL:
+        print(f"note: {DEFAULT_MODEL_NOTE}", file=sys.stderr)
+        banner = "default model: knows only the synthetic tabletop world"
     try:
         result = seg.segment_image(image, args.instruction, score_threshold=args.score_threshold,
                                    max_instances=args.max_instances)
@@ -68,8 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     seg = sub.add_parser("segment", help="segment one image with one instruction")
-    seg.add_argument("--checkpoint", default="tiny", help="checkpoint directory, or 'tiny' (untrained demo model)")
-    seg.add_argument("--image", default="sample", help="image file, or 'sample[:seed]' for a procedural scene")
+    seg.add_argument("--checkpoint", default=DEFAULT_MODEL,
+                     help="checkpoint directory; 'default' (the shipped model, synthetic tabletop world only) "
+                          "or 'tiny' (untrained test model)")
+    seg.add_argument("--image", default="sample",
+                     help="image file, or 'sample[:seed]' for a procedural scene of the synthetic world")
     seg.add_argument("--instruction", required=True, help="what to segment, e.g. 'the red mug'")
     seg.add_argument("--out", default="", help="write the overlay PNG here")
     seg.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")

@@ -252,9 +252,11 @@ def small_config() -> InstructSamConfig:
     sam3["detr_encoder_config"]["num_layers"] = 2
     sam3["detr_decoder_config"]["num_layers"] = 3
     sam3["mask_decoder_config"].update(hidden_size=width, num_attention_heads=4)
-    # Scenes are 160x120: 128x160 for Qwen3-VL (20 image tokens).
+    # Scenes are 160x120: 128x160 for Qwen3-VL (20 image tokens). Our own pipeline trains
+    # with the consistent layout (M-RoPE, the hybrid mask), so the model generates with it.
     return InstructSamConfig(num_queries=k, out_dim=width, sam_image_size=224, vlm_min_pixels=4 * 32 * 32,
-                             vlm_max_pixels=160 * 128, vlm=vlm, sam3=sam3)
+                             vlm_max_pixels=160 * 128, vlm=vlm, sam3=sam3, generation_compat="consistent",
+                             phrase_source="hidden_states")
 
 
 # Named model configurations: name -> a function returning a fresh config.

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .backends import Backend, FrameHandle, FrameInput, available_backends, check_backend_options, create_backend
-from .build import BuiltModel, build_model
+from .build import DEFAULT_MODEL, BuiltModel, build_model
 from .config import PRESETS, EngineConfig, InstructSamConfig
 from .outputs import Generation, HeadOutput, LogitsProcessor
 from .postprocess import slots_to_result
@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 UNTRAINED_WARNING = ("the '{name}' model is UNTRAINED (random weights): its masks and scores are "
                      "meaningless. Pass a trained checkpoint directory for real results.")
+DEFAULT_MODEL_NOTE = ("model: the shipped default model (InstructSAM 'small', trained on the synthetic "
+                      "tabletop world only: ten object kinds in eight colours; see "
+                      "instructsam_core/default_model/MODEL_CARD.md); pass a checkpoint directory for real scenes")
 PHRASE_MODES = ("generate", "instruction")
 
 
@@ -87,15 +90,17 @@ class Segmenter:
     # ---- construction -----------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str = "tiny", device: str | torch.device = "auto",
+    def from_pretrained(cls, path: str = "default", device: str | torch.device = "auto",
                         dtype: str | torch.dtype | None = None, backend: str = "eager",
                         phrase_mode: str | None = None, backend_options: dict | None = None,
                         **engine_options) -> "Segmenter":
-        """Load a checkpoint directory, or the embedded tiny demo model.
+        """Load a checkpoint directory, the shipped default model, or the tiny test model.
 
         Arguments:
-            path: an InstructSAM checkpoint directory (config.json + safetensors + tokenizer),
-                or `"tiny"`, the embedded tiny UNTRAINED model (seeded, for demos and tests).
+            path: an InstructSAM checkpoint directory (config.json + safetensors + tokenizer);
+                `"default"`, the small model this package ships, trained on the synthetic
+                tabletop world only (instructsam_core/default_model/MODEL_CARD.md); or
+                `"tiny"`, the embedded tiny UNTRAINED model (seeded, for tests).
             device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
             dtype: "float32", "bfloat16", "float16", or None/"auto" (fp32 on CPU, bf16 on CUDA).
             backend: one of `Segmenter.available_backends()`: "eager" (plain PyTorch) or
@@ -113,6 +118,8 @@ class Segmenter:
             raise ValueError(f"preset {path!r} has no embedded weights; pass its checkpoint directory "
                              f"(or Segmenter.from_config({path!r}) for random weights)")
         engine_config = _engine_setup(backend, backend_options, engine_options)
+        if path == DEFAULT_MODEL:
+            log.info(DEFAULT_MODEL_NOTE)
         return cls._serve(build_model(path, device, dtype), path, backend, backend_options, phrase_mode,
                           engine_config)
 

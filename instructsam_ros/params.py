@@ -47,9 +47,10 @@ def specs() -> dict[str, Spec]:
     """The parameter table (a function so the backend list is asked at declaration)."""
     return {
         "checkpoint": Spec(
-            "", "InstructSAM checkpoint directory (config.json + safetensors + tokenizer), "
-            "or 'tiny' for the built-in tiny UNTRAINED test model. Required.",
-            constraints="existing directory, or a preset name the engine knows"),
+            "default", "InstructSAM checkpoint directory (config.json + safetensors + tokenizer); "
+            "'default' = the shipped small model (trained on the synthetic tabletop world only); "
+            "'tiny' = the built-in tiny UNTRAINED test model.",
+            constraints="existing directory, 'default' or 'tiny'"),
         "device": Spec("auto", "Torch device for the model: auto (cuda when available, "
                        "else cpu), cpu, cuda or cuda:N.", constraints="auto|cpu|cuda|cuda:N"),
         "dtype": Spec("auto", "Model weights/compute dtype; auto = the engine's choice "

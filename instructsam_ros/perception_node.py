@@ -12,7 +12,7 @@ Topics (relative names, change them by remapping):
     ~/markers (visualization_msgs/MarkerArray, with depth)
     ~/segment (Segment service), /diagnostics (diagnostic_msgs/DiagnosticArray)
 
-Run: `ros2 run instructsam_ros perception_node --ros-args -p checkpoint:=/path/to/ckpt`
+Run: `ros2 run instructsam_ros perception_node --ros-args -p checkpoint:=/path/to/ckpt` (default: the shipped model)
 or `python -m instructsam_ros.perception_node --ros-args ...`.
 """
 
@@ -113,7 +113,7 @@ class PerceptionNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         if not self.settings.checkpoint:
             self.start_error = ("parameter 'checkpoint' is empty: set it to an InstructSAM "
-                                "checkpoint directory (or 'tiny' for the untrained test model)")
+                                "checkpoint directory, or 'default' for the shipped model")
             self.get_logger().error(self.start_error)
             return TransitionCallbackReturn.FAILURE
         out = output_qos()
@@ -213,7 +213,7 @@ class PerceptionNode(LifecycleNode):
 
     def _load_engine(self, s: params.Settings):
         """Load the engine and run one warm-up pass (first-call costs stay out of frames)."""
-        from instructsam_core.engine import Segmenter
+        from instructsam_core.engine import DEFAULT_MODEL, DEFAULT_MODEL_NOTE, Segmenter
 
         t0 = time.monotonic()
         seg = Segmenter.from_pretrained(s.checkpoint, device=s.device, dtype=s.dtype, backend=s.backend,
@@ -225,6 +225,9 @@ class PerceptionNode(LifecycleNode):
             self.get_logger().warning(
                 f"checkpoint '{s.checkpoint}' is an UNTRAINED model: its masks are "
                 "meaningless (for tests and demos only)")
+        elif s.checkpoint == DEFAULT_MODEL:
+            self._overlay_banner = "default model: synthetic tabletop world only"
+            self.get_logger().info(DEFAULT_MODEL_NOTE)
         warm = np.full((112, 112, 3), 127, dtype=np.uint8)
         seg.set_image(warm, key=None)
         seg.segment("warm up", score_threshold=1.0)

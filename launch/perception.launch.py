@@ -55,8 +55,8 @@ def generate_launch_description():
     arg = LaunchConfiguration
     args = [
         DeclareLaunchArgument("checkpoint", default_value="",
-                              description="InstructSAM checkpoint directory ('tiny' = untrained "
-                              "test model); empty = the params file's"),
+                              description="InstructSAM checkpoint directory ('default' = the shipped "
+                              "model, 'tiny' = untrained test model); empty = the params file's ('default')"),
         DeclareLaunchArgument("device", default_value="",
                               description="auto, cpu, cuda or cuda:N; empty = the params file's"),
         DeclareLaunchArgument("image", default_value="/camera/color/image_raw",

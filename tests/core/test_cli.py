@@ -26,8 +26,17 @@ def test_segment_writes_overlay_and_prints_instances(tiny_checkpoint, tmp_path, 
     assert not np.array_equal(overlay, tabletop_scene(seed=4).image)
 
 
-def test_default_is_the_untrained_model_and_says_so(tmp_path, capsys):
-    rc = main(["segment", "--instruction", "the pear", "--out", str(tmp_path / "o.png")])
+def test_default_is_the_shipped_model_and_says_what_it_knows(tmp_path, capsys):
+    rc = main(["segment", "--instruction", "the red mug", "--out", str(tmp_path / "o.png")])
+    assert rc == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["checkpoint"] == "default" and report["untrained"] is False
+    assert "synthetic tabletop world only" in captured.err
+
+
+def test_the_tiny_model_says_it_is_untrained(tmp_path, capsys):
+    rc = main(["segment", "--checkpoint", "tiny", "--instruction", "the pear", "--out", str(tmp_path / "o.png")])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["untrained"] is True
 

@@ -1,4 +1,5 @@
-"""The pip entry (setup.py over pyproject.toml) installs the ROS-free packages only."""
+"""The pip entry (setup.py over pyproject.toml) installs the ROS-free packages only, the
+shipped default model with them."""
 
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ def test_setup_py_builds_core_and_training_and_never_instructsam_ros(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("instructsam-*.whl")
-    top = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
     assert {"instructsam_core", "training"} <= top
+    shipped = {f"instructsam_core/default_model/{f.name}" for f in (REPO / "instructsam_core" / "default_model").iterdir()}
+    assert shipped and shipped <= set(names)  # the default model travels with the package
     assert "instructsam_ros" not in top
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in zipfile.ZipFile(wheel).namelist()
                                                     if n.endswith("entry_points.txt"))).decode()

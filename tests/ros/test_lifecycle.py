@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ros_helpers import REPO, publish_until, wait_for, with_stamp
 
 NS = "/t_life"
@@ -98,7 +100,7 @@ def test_missing_checkpoint_is_a_fatal_error_naming_the_path():
 
 
 def test_empty_checkpoint_and_bad_parameter_fail_clearly():
-    r = _run_node(["-r", "__ns:=/t_bad2"])
+    r = _run_node(["-r", "__ns:=/t_bad2", "-p", "checkpoint:=''"])
     assert r.returncode == 1 and "parameter 'checkpoint' is empty" in r.stderr
     r = _run_node(["-r", "__ns:=/t_bad3", "-p", "checkpoint:=tiny", "-p", "device:=gpu0"])
     assert r.returncode == 1 and "device 'gpu0'" in r.stderr
@@ -179,15 +181,38 @@ def test_installed_executable_runs_from_the_install_prefix(tmp_path):
     assert probe.stdout.strip().startswith(str(site))
 
 
-def test_demo_runs_end_to_end_and_writes_overlays(tmp_path):
-    out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "instructsam_ros.demo", "--frames", "2",
-                        "--size", "96x128", "--out", str(out)], cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "UNTRAINED" in r.stdout and "2/2 frames answered" in r.stdout
-    pngs = sorted(out.glob("overlay_*.png"))
-    assert len(pngs) == 2
+def test_demo_streams_scenes_and_instructions_and_writes_what_it_got(tmp_path):
+    """The README's main job: the default model over DDS, a new instruction per frame."""
+    import json
+
     from PIL import Image
 
-    assert Image.open(pngs[0]).size == (128, 96)
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "instructsam_ros.demo", "--frames", "3", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "default model" in r.stdout and "3/3 frames answered" in r.stdout and "mean IoU" in r.stdout
+    from instructsam_core.postprocess import mask_iou
+    from instructsam_ros.demo import demo_steps
+
+    rows = json.loads((out / "summary.json").read_text())
+    steps = demo_steps(3, 240, 320)
+    assert [row["kind"] for row in rows] == ["colour", "attribute", "category"] == [s.kind for s in steps]
+    for row, step in zip(rows, steps):
+        stem = out / f"frame_{row['frame']:02d}"
+        assert Image.open(f"{stem}_overlay.png").size == (320, 240)
+        labels = np.asarray(Image.open(f"{stem}_labels.png"))
+        message = json.loads(Path(f"{stem}_instances.json").read_text())
+        assert message["instruction"] == row["instruction"] == step.instruction
+        assert message["header"]["frame_id"] == "camera_color_optical_frame"
+        assert len(message["instances"]) == row["found"]
+        assert set(np.unique(labels).tolist()) <= set(range(row["found"] + 1))  # ids 1..found, 0 = background
+        assert row["iou"] == mask_iou(labels > 0, step.truth)  # the table's IoU is against the scene's truth
+
+
+def test_demo_with_the_untrained_model_says_so(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "instructsam_ros.demo", "--checkpoint", "tiny", "--frames", "1",
+                        "--size", "96x128", "--out", str(tmp_path)], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "UNTRAINED" in r.stdout and "1/1 frames answered" in r.stdout
