@@ -21,7 +21,8 @@ How the door's calls become graph inputs:
   `max_phrase_tokens` as the PyTorch backends do), PyTorch projects the phrase prompt, and
   the head graph runs over runs of consecutive phrases of at most the graph's `blocks`
   and `frames` maxima: each distinct frame's FPN levels once, `frame_index` naming each
-  phrase's frame. The outputs are `HeadOutput`s of the runtime's own output buffers.
+  phrase's frame. The outputs are `HeadOutput`s of the runtime's own output buffers
+  (joined on the device when the phrases took several runs).
 
 The exported graphs come from `graph_export.graphs_for` (exported on first use); the
 model's SAM3 is then dropped from PyTorch, so its weights are held once, by the runtime.
@@ -40,7 +41,7 @@ import torch
 from ..export.graphs import HEAD, VISION, ExportLimits
 from ..export.manifest import Manifest
 from ..model.instructsam import InstructSam
-from ..outputs import Generation, HeadOutput
+from ..outputs import Generation, HeadOutput, LogitsProcessor
 from .base import Backend, FrameHandle, FrameInput, StageTimer
 from .compiled import CompiledBackend, CompiledOptions
 from .eager import EagerBackend
@@ -209,7 +210,8 @@ class GraphBackend(Backend):
         return per_frame
 
     def generate(self, frame: GraphFrame, prompt_ids: list[int], max_new_tokens: int,
-                 logits_processors=(), forced_answer: Sequence[int] | None = None) -> Generation:
+                 logits_processors: Sequence[LogitsProcessor] = (),
+                 forced_answer: Sequence[int] | None = None) -> Generation:
         return self.language.generate(frame.language, prompt_ids, max_new_tokens, logits_processors, forced_answer)
 
     @torch.no_grad()
