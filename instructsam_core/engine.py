@@ -103,15 +103,18 @@ class Segmenter:
                 `"tiny"`, the embedded tiny UNTRAINED model (seeded, for tests).
             device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
             dtype: "float32", "bfloat16", "float16", or None/"auto" (fp32 on CPU, bf16 on CUDA).
-            backend: one of `Segmenter.available_backends()`: "eager" (plain PyTorch) or
+            backend: one of `Segmenter.available_backends()`: "eager" (plain PyTorch),
                 "compiled" (torch.compile, a static KV cache, CUDA graphs on a GPU; its
-                compiled code is cached on disk, see `backends.compiled`).
+                compiled code is cached on disk, see `backends.compiled`), and where
+                installed "tensorrt" (SAM3 as TensorRT engines) and "onnxruntime" (SAM3
+                on onnxruntime, CPU); see `backends.graph_backend`.
             phrase_mode: "generate" (the model writes the target phrases) or "instruction"
                 (the instruction itself is the one phrase, no generation). Default:
                 "generate" for checkpoints, "instruction" for untrained weights, whose
                 random answers would never name a target.
             backend_options: the backend's own settings (for "compiled":
-                `backends.compiled.CompiledOptions` fields, e.g. `{"cache_dir": ...}`).
+                `backends.compiled.CompiledOptions` fields, e.g. `{"cache_dir": ...}`; for
+                "tensorrt": `backends.tensorrt_backend.TensorRtOptions`).
             engine_options: fields of `EngineConfig` (score_threshold, max_new_tokens, ...).
         """
         if path in PRESETS and path != "tiny":

@@ -55,10 +55,14 @@ def specs() -> dict[str, Spec]:
                        "else cpu), cpu, cuda or cuda:N.", constraints="auto|cpu|cuda|cuda:N"),
         "dtype": Spec("auto", "Model weights/compute dtype; auto = the engine's choice "
                       "(bfloat16 on GPU, float32 on CPU).", choices=DTYPES),
-        "backend": Spec("eager", "Inference backend of the engine: eager (plain PyTorch) or compiled "
-                        "(torch.compile, static KV cache, CUDA graphs on a GPU; the first activation on a "
-                        "machine compiles for minutes, later ones read the compiled code back from "
-                        "~/.cache/instructsam/compiled or $INSTRUCTSAM_CACHE_DIR).", choices=backends()),
+        "backend": Spec("eager", "Inference backend of the engine, of those installed here: eager (plain "
+                        "PyTorch); compiled (torch.compile, static KV cache, CUDA graphs on a GPU; the first "
+                        "activation on a machine compiles for minutes, later ones read the compiled code back "
+                        "from ~/.cache/instructsam/compiled or $INSTRUCTSAM_CACHE_DIR); tensorrt (where TensorRT "
+                        "is installed, CUDA: SAM3 as fp16 TensorRT engines, the LLM compiled; the first "
+                        "activation exports the graphs and builds the engines, minutes, into "
+                        "~/.cache/instructsam or $INSTRUCTSAM_CACHE); onnxruntime (device cpu: SAM3's graphs on "
+                        "onnxruntime, the LLM compiled).", choices=backends()),
         "score_threshold": Spec(0.5, "Keep instances whose score (0..1) is above this "
                                 "(strictly: 1.0 keeps nothing).", range=(0.0, 1.0)),
         "max_instances": Spec(0, "Keep at most this many instances per frame, best first; "

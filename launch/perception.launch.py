@@ -4,8 +4,8 @@
         image:=/camera/color/image_raw
     ros2 topic pub /instruction std_msgs/msg/String "data: 'the red mug'"
 
-Parameters come from `params_file`; the `checkpoint` and `device` arguments override it
-only when given (non-empty), so a checkpoint set in your own params file is kept.
+Parameters come from `params_file`; the `checkpoint`, `device` and `backend` arguments
+override it only when given (non-empty), so a checkpoint set in your own params file is kept.
 RViz (`rviz:=true`) is optional: install rviz2 to use it.
 """
 
@@ -18,7 +18,7 @@ from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
 # Launch arguments that override the node parameter of the same name when non-empty.
-OVERRIDES = ("checkpoint", "device")
+OVERRIDES = ("checkpoint", "device", "backend")
 
 
 def _perception_node(context, *args, **kwargs):
@@ -59,6 +59,9 @@ def generate_launch_description():
                               "model, 'tiny' = untrained test model); empty = the params file's ('default')"),
         DeclareLaunchArgument("device", default_value="",
                               description="auto, cpu, cuda or cuda:N; empty = the params file's"),
+        DeclareLaunchArgument("backend", default_value="",
+                              description="eager, compiled, tensorrt or onnxruntime (those installed); empty = "
+                              "the params file's"),
         DeclareLaunchArgument("image", default_value="/camera/color/image_raw",
                               description="colour image topic (its /compressed sibling when compressed_input is true)"),
         DeclareLaunchArgument("depth", default_value="/camera/aligned_depth_to_color/image_raw",

@@ -185,20 +185,24 @@ class CompiledBackend(TorchBackend):
 
     @torch.no_grad()
     def encode_frames(self, frames: Sequence[FrameInput]) -> list[CompiledFrame]:
-        model = self.model
         sam, sam_done = self._sam_vision(torch.cat([f.sam_pixels for f in frames]).to(self.device, self.dtype))
-        pixels = [f.vlm_pixels.to(self.device, self.dtype) for f in frames]
-        grids = [f.grid_thw for f in frames]
-        with self.stage("qwen_vision"), self.tracker.track("qwen_vision", pixels, grids):
-            visions = model.encode_images_vlm(pixels, grids, **self._grid_inputs(grids))
-        handles = []
-        for frame, vision in zip(frames, visions):
-            with self.stage("prefill_image"):
-                handles.append(self._prefill_image(frame.prefix_ids, vision))
+        handles = self.encode_language(frames)
         if sam_done is not None:
             torch.cuda.current_stream(self.device).wait_event(sam_done)
         for i, handle in enumerate(handles):
             handle.sam = sam.take(torch.tensor([i], device=self.device))
+        return handles
+
+    @torch.no_grad()
+    def encode_language(self, frames: Sequence[FrameInput]) -> list[CompiledFrame]:
+        pixels = [f.vlm_pixels.to(self.device, self.dtype) for f in frames]
+        grids = [f.grid_thw for f in frames]
+        with self.stage("qwen_vision"), self.tracker.track("qwen_vision", pixels, grids):
+            visions = self.model.encode_images_vlm(pixels, grids, **self._grid_inputs(grids))
+        handles = []
+        for frame, vision in zip(frames, visions):
+            with self.stage("prefill_image"):
+                handles.append(self._prefill_image(frame.prefix_ids, vision))
         return handles
 
     def _grid_inputs(self, grids: list[tuple[int, int, int]]) -> dict:

@@ -16,10 +16,10 @@ from .torch_backend import TorchBackend
 class EagerFrame(FrameHandle):
     """What the eager backend keeps per frame."""
 
-    def __init__(self, vision: VisionTokens, sam: SamFeatures, prefix: PromptPrefix):
+    def __init__(self, vision: VisionTokens, sam: SamFeatures | None, prefix: PromptPrefix):
         super().__init__(num_image_tokens=int(vision.embeds.shape[0]))
         self.vision = vision  # Qwen3-VL vision tokens
-        self.sam = sam  # SAM3 FPN features (batch of one)
+        self.sam = sam  # SAM3 FPN features (batch of one); None from encode_language
         self.prefix = prefix  # DynamicCache of the prompt up to and including the image
 
 
@@ -28,17 +28,24 @@ class EagerBackend(TorchBackend):
 
     @torch.inference_mode()
     def encode_frames(self, frames: Sequence[FrameInput]) -> list[EagerFrame]:
+        handles = self.encode_language(frames)
+        with self.stage("sam_vision"):
+            sam = self.model.encode_image_sam(torch.cat([f.sam_pixels for f in frames]).to(self.device, self.dtype))
+        for i, handle in enumerate(handles):
+            handle.sam = sam.take(torch.tensor([i], device=self.device))
+        return handles
+
+    @torch.inference_mode()
+    def encode_language(self, frames: Sequence[FrameInput]) -> list[EagerFrame]:
         model = self.model
         with self.stage("qwen_vision"):
             visions = model.encode_images_vlm([f.vlm_pixels.to(self.device, self.dtype) for f in frames],
                                               [f.grid_thw for f in frames])
-        with self.stage("sam_vision"):
-            sam = model.encode_image_sam(torch.cat([f.sam_pixels for f in frames]).to(self.device, self.dtype))
         out = []
-        for i, (frame, vision) in enumerate(zip(frames, visions)):
+        for frame, vision in zip(frames, visions):
             with self.stage("prefill_image"):
                 prefix = prefill_prefix(model, torch.tensor([frame.prefix_ids], device=self.device), vision)
-            out.append(EagerFrame(vision, sam.take(torch.tensor([i], device=self.device)), prefix))
+            out.append(EagerFrame(vision, None, prefix))
         return out
 
     @torch.inference_mode()

@@ -1,15 +1,18 @@
 """What the PyTorch backends (eager, compiled) share: the model, its placement, the
-SAM3-head inputs packed from the answers, and `release` (weights back to the CPU)."""
+SAM3-head inputs packed from the answers, `release` (weights back to the CPU), and the
+LLM's share of a frame's encoding on its own (`encode_language`), which the backends
+that run SAM3 as exported graphs (`graph_backend`) use."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 
 import torch
 
 from ..model.instructsam import InstructSam, SamFeatures
 from ..outputs import Generation
-from .base import Backend, FrameHandle
+from .base import Backend, FrameHandle, FrameInput
 
 
 class TorchBackend(Backend):
@@ -38,13 +41,19 @@ class TorchBackend(Backend):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def pack_phrases(self, answers: Sequence[tuple[FrameHandle, Generation]], sam: Sequence[SamFeatures]
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, SamFeatures]:
-        """The SAM3 head's inputs for every paired phrase of the answers, padded to
-        `max_phrase_tokens` (`sam[i]`: the features of answer i's frame).
+    @abstractmethod
+    def encode_language(self, frames: Sequence[FrameInput]) -> list[FrameHandle]:
+        """The LLM's share of `encode_frames`: the Qwen3-VL vision tower and the prompt
+        prefix, without SAM3, for a backend that runs SAM3 elsewhere (`graph_backend`).
+        The handles hold no SAM3 features."""
+
+    def phrase_batch(self, answers: Sequence[tuple[FrameHandle, Generation]]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """Every paired phrase of the answers as SAM3-head inputs, padded to `max_phrase_tokens`.
 
         Returns `(query_states (P, K, H), phrase_ids (P, T), phrase_mask (P, T),
-        phrase_hidden (P, T, H), features (one row per phrase))`.
+        phrase_hidden (P, T, H), answer_of_phrase)` (the last on the host: which answer
+        each row belongs to).
         """
         model = self.model
         phrases = [(i, p) for i, (_, generation) in enumerate(answers) for p in generation.phrases]
@@ -58,6 +67,13 @@ class TorchBackend(Backend):
             phrase_mask[row, :n] = True
             hidden[row, :n] = phrase.phrase_states
         queries = torch.stack([p.query_states for _, p in phrases])  # (P, K, H)
-        frame_of_phrase = torch.tensor([i for i, _ in phrases], dtype=torch.long, device=self.device)
+        return queries, phrase_ids.to(self.device), phrase_mask.to(self.device), hidden, [i for i, _ in phrases]
+
+    def pack_phrases(self, answers: Sequence[tuple[FrameHandle, Generation]], sam: Sequence[SamFeatures]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, SamFeatures]:
+        """`phrase_batch` with, last, the SAM3 features of each phrase's frame (`sam[i]`:
+        those of answer i's frame), one row per phrase."""
+        queries, phrase_ids, phrase_mask, hidden, answer_of_phrase = self.phrase_batch(answers)
+        frame_of_phrase = torch.tensor(answer_of_phrase, dtype=torch.long, device=self.device)
         features = SamFeatures.cat(list(sam)).take(frame_of_phrase)
-        return queries, phrase_ids.to(self.device), phrase_mask.to(self.device), hidden, features
+        return queries, phrase_ids, phrase_mask, hidden, features

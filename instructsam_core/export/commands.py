@@ -1,6 +1,7 @@
 """The `instructsam export`, `instructsam parity` and `instructsam engine` commands.
 
     instructsam export --checkpoint DIR|tiny --out out/onnx [--parts vision,head] [--opset 18] [--check]
+    instructsam export --checkpoint DIR --cache      # where the tensorrt/onnxruntime backends look
     instructsam parity --onnx out/onnx [--runner onnxruntime|tensorrt] [--precision fp16]
     instructsam engine --onnx out/onnx --precision fp16 [--trtexec]
 
@@ -73,19 +74,28 @@ def cmd_export(args: argparse.Namespace) -> int:
                               max_prompt_tokens=args.max_prompt_tokens)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
+    if args.cache and (args.max_prompt_tokens is not None or args.opset != 18 or args.parts != list(PARTS)):
+        raise SystemExit("error: --cache exports what the backends export (both parts, opset 18, the model's "
+                         "prompt length); leave out --parts, --opset and --max-prompt-tokens, or use --out")
     model, label = _load_model(args.checkpoint, args.dtype, progress)
+    out = args.out
+    if args.cache:
+        from ..backends.graph_export import cache_folder
+        from .manifest import model_hash
+
+        out = cache_folder(model_hash(model), args.dtype, limits)
     try:
-        manifest = export_onnx(model, args.out, parts=args.parts, opset=args.opset, limits=limits, source=label,
+        manifest = export_onnx(model, out, parts=args.parts, opset=args.opset, limits=limits, source=label,
                                progress=progress)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
-    progress(f"wrote {', '.join(g.file for g in manifest.graphs.values())} and manifest.json to {args.out}")
+    progress(f"wrote {', '.join(g.file for g in manifest.graphs.values())} and manifest.json to {out}")
     if not args.check:
         return 0
     if args.dtype != "float32":  # the reference is the checkpoint itself, not its rounded weights
         model, _ = _load_model(args.checkpoint, "float32", progress)
     progress("checking the graphs on onnxruntime (CPU) against PyTorch")
-    report = check_parity(OnnxRuntimeRunner(args.out), parity_cases(model, manifest))
+    report = check_parity(OnnxRuntimeRunner(out), parity_cases(model, manifest))
     print(report.table())
     return 0 if report.passed else 1
 
@@ -201,7 +211,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register `export`, `parity` and `engine` on the CLI's subcommand parser."""
     exp = sub.add_parser("export", help="export SAM3's vision encoder and the InstructSAM head to ONNX")
     exp.add_argument("--checkpoint", required=True, help="checkpoint directory, or a preset name (tiny, small, 2b)")
-    exp.add_argument("--out", required=True, help="export folder (replaced whole on success)")
+    where = exp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="export folder (replaced whole on success)")
+    where.add_argument("--cache", action="store_true",
+                       help="into the acceleration cache, where backend='tensorrt' and 'onnxruntime' look for this "
+                            "model's graphs ($INSTRUCTSAM_CACHE/onnx, else ~/.cache/instructsam/onnx)")
     exp.add_argument("--parts", type=_parts, default=list(PARTS), help="comma-separated: vision,head (default both)")
     exp.add_argument("--opset", type=int, default=18, help="ONNX opset (18 or newer; 18 parses on TensorRT 8.6+)")
     exp.add_argument("--dtype", choices=("float32", "float16"), default="float32",

@@ -87,6 +87,18 @@ class GraphDefinition:
     export_sizes: dict[str, int] = field(default_factory=dict)
 
 
+def exported_weights(model: InstructSam) -> torch.nn.Parameter:
+    """A weight of the exported parts (SAM3 and the query projector): the graphs compute in
+    its dtype and are traced on its device, which need not be the LLM's (a backend that
+    runs SAM3 as graphs exports them from the CPU and keeps only the LLM on the GPU)."""
+    params = [*model.grounding_model.parameters(), *model.mask_hidden_fcs.parameters()]
+    kinds = {(p.dtype, p.device) for p in params}
+    if len(kinds) != 1:
+        raise ValueError(f"the exported parts' weights must share one dtype and device, found "
+                         f"{sorted(map(str, kinds))}")
+    return params[0]
+
+
 def fpn_level_names(model: InstructSam) -> tuple[str, ...]:
     """Names of the FPN levels the head reads (SAM3 drops the coarsest of its levels)."""
     levels = len(model.grounding_model.config.vision_config.scale_factors) - 1
@@ -152,7 +164,7 @@ def define_graphs(model: InstructSam, limits: ExportLimits = ExportLimits()) -> 
     config = model.config
     size = config.sam_image_size
     hidden = model.mask_queries.shape[-1]
-    floats = next(model.parameters()).dtype  # the graphs compute in the model's dtype
+    floats = exported_weights(model).dtype  # the graphs compute in the exported parts' dtype
     prompt_tokens = limits.max_prompt_tokens or config.max_phrase_tokens
     if prompt_tokens < 2:
         raise ValueError(f"the prompt length must allow at least 2 tokens, got {prompt_tokens}")

@@ -28,7 +28,7 @@ import torch
 from ..fileio import atomic_directory
 from ..model.instructsam import InstructSam
 from .graphs import (HEAD, PARTS, ExportLimits, GraphDefinition, define_graphs, example_inputs, export_attention,
-                     fpn_level_shapes)
+                     exported_weights, fpn_level_shapes)
 from .manifest import GraphEntry, Manifest, TensorSpec, file_sha256, model_hash
 
 DEFAULT_OPSET = 18  # the dynamo exporter's lowest; TensorRT 8.6 and newer parse it
@@ -45,8 +45,9 @@ def export_onnx(model: InstructSam, out_dir: str | os.PathLike, parts: Sequence[
     `manifest.json` there.
 
     Arguments:
-        model: the InstructSAM model in float32 or float16 (see EXPORT_DTYPES); the
-            graphs compute in its dtype.
+        model: the InstructSAM model, its SAM3 and query projector in float32 or float16
+            (see EXPORT_DTYPES; the LLM may be elsewhere, in another dtype); the graphs
+            compute in their dtype.
         out_dir: the export folder (created; an existing one is replaced only on success).
         parts: which graphs, of `vision` and `head`.
         opset: ONNX opset, 18 or newer (the exporter writes nothing older).
@@ -60,7 +61,7 @@ def export_onnx(model: InstructSam, out_dir: str | os.PathLike, parts: Sequence[
     parts = _checked_parts(parts)
     if opset < DEFAULT_OPSET:
         raise ValueError(f"opset {opset} is too old: torch's ONNX exporter writes opset {DEFAULT_OPSET} or newer")
-    dtype = next(model.parameters()).dtype
+    dtype = exported_weights(model).dtype
     if dtype not in EXPORT_DTYPES.values():
         raise ValueError(f"export needs the model in float32 or float16, got {dtype}")
     graphs = define_graphs(model, limits)
@@ -95,7 +96,7 @@ def _checked_parts(parts: Sequence[str]) -> list[str]:
 def _export_graph(model: InstructSam, graph: GraphDefinition, directory: Path, opset: int) -> Path:
     from torch.export import Dim
 
-    device = next(model.parameters()).device
+    device = exported_weights(model).device
     dims = {name: Dim(name, min=axis.min, max=axis.max) for name, axis in graph.axes.items()}
     inputs = example_inputs(graph, graph.export_sizes, torch.Generator().manual_seed(0))
     args = tuple(inputs[spec.name].to(device, spec.dtype) for spec in graph.inputs)

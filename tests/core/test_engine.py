@@ -124,8 +124,8 @@ def test_untrained_preset_says_so(caplog):
 
 
 def test_unknown_backend_device_and_dtype_are_named(tiny_checkpoint):
-    with pytest.raises(ValueError, match="unknown backend 'tensorrt'; available: \\['compiled', 'eager'\\]"):
-        Segmenter.from_pretrained(str(tiny_checkpoint), backend="tensorrt")
+    with pytest.raises(ValueError, match="unknown backend 'openvino'; available: \\['compiled', 'eager'"):
+        Segmenter.from_pretrained(str(tiny_checkpoint), backend="openvino")
     with pytest.raises(ValueError, match="unknown option\\(s\\) \\['max_cache'\\] of backend 'compiled'"):
         Segmenter.from_pretrained(str(tiny_checkpoint), backend="compiled", backend_options={"max_cache": 8})
     with pytest.raises(ValueError, match="backend 'eager' takes no options"):

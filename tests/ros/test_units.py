@@ -241,7 +241,7 @@ def test_launch_file_starts_rviz_only_on_request_and_defaults_defer_to_the_param
     assert len(rviz) == 1 and "condition" in _kwargs(rviz[0])
     defaults = {c.args[0].value: _kwargs(c)["default_value"] for c in _calls(tree, "DeclareLaunchArgument")}
     # Empty defaults mean "keep the params file's value"; rviz is off unless asked for.
-    assert defaults["checkpoint"].value == "" and defaults["device"].value == ""
+    assert defaults["checkpoint"].value == "" and defaults["device"].value == "" and defaults["backend"].value == ""
     assert defaults["rviz"].value == "false"
 
 def test_engine_options_follow_the_release_by_default():
