@@ -137,6 +137,11 @@ class LossConfig:
     # the release's recipe, a dense signal for a head trained from random weights.
     semantic_bce: float = 0.0
     semantic_dice: float = 0.0
+    # Denoising queries (training/denoising.py): weight of their mask and box losses (each
+    # term weighted as the matched slots' are), 0 = off as in the release; and DN-DETR's
+    # box noise scale.
+    denoise: float = 0.0
+    denoise_noise: float = 0.4
     # The release also trains the LLM to predict the [SEG] tokens; we leave them out of the
     # text loss (their embeddings are the query bank, never predicted at inference).
     text_on_queries: bool = False

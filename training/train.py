@@ -42,6 +42,7 @@ from training.checkpoints import (TrainingState, checkpoint_dirs, load_training_
                                   rank_snapshot, read_meta, remove_partial, save_training_checkpoint)
 from training.config import ConfigError, LoopConfig, ModelConfig, OptimConfig, TrainConfig, load_config, save_config
 from training.data import Batch, MixSampler, SkipLog, collate, next_samples, read_dataset
+from training.denoising import denoising_losses
 from training.distributed import Processes
 from training.eval.readers import FormatError
 from training.initialization import INIT_SCHEMES, fan_in_init
@@ -149,6 +150,13 @@ def forward_losses(model, batch: Batch, cfg: TrainConfig, amp_context) -> tuple[
     if loss_cfg.semantic_bce or loss_cfg.semantic_dice:
         parts["semantic_bce"], parts["semantic_dice"] = semantic_losses(out.head.semantic_logits, batch.targets)
         total = total + loss_cfg.semantic_bce * parts["semantic_bce"] + loss_cfg.semantic_dice * parts["semantic_dice"]
+    if loss_cfg.denoise:
+        with amp_context:
+            dn = denoising_losses(model, out, batch.input_ids, sam, batch.targets, loss_cfg.denoise_noise,
+                                  loss_cfg.num_points, loss_cfg.oversample_ratio, loss_cfg.importance_sample_ratio)
+        parts.update(dn_mask_bce=dn.bce, dn_mask_dice=dn.dice, dn_box_l1=dn.box_l1, dn_box_giou=dn.box_giou)
+        total = total + loss_cfg.denoise * (loss_cfg.mask_bce * dn.bce + loss_cfg.mask_dice * dn.dice
+                                            + loss_cfg.box_l1 * dn.box_l1 + loss_cfg.box_giou * dn.box_giou)
     return total, {k: float(v.detach()) for k, v in parts.items()}, masks.matched_ious
 
 

@@ -277,11 +277,21 @@ class InstructSam(nn.Module):
         return prompt * phrase_mask[..., None].to(prompt.dtype)
 
     def segment_blocks(self, query_states: torch.Tensor, prompt: torch.Tensor, prompt_mask: torch.Tensor,
-                       sam_features: SamFeatures) -> HeadOutput:
-        """SAM3 head for P blocks: query states `(P, K, H)`, prompt `(P, T, D)`, one image each."""
+                       sam_features: SamFeatures, reference_boxes: torch.Tensor | None = None) -> HeadOutput:
+        """SAM3 head for P blocks: query states `(P, K, H)`, prompt `(P, T, D)`, one image each
+        (`reference_boxes`: the slots' starting boxes, for training's denoising queries)."""
         queries = self.mask_hidden_fcs[0](query_states)
         return run_head(self.grounding_model, sam_features.fpn_hidden_states, sam_features.fpn_position_encoding,
-                        prompt, prompt_mask, queries, self.config.use_presence)
+                        prompt, prompt_mask, queries, self.config.use_presence, reference_boxes)
+
+    def block_head_inputs(self, input_ids: torch.Tensor, hidden: torch.Tensor,
+                          blocks: PhraseBlocks) -> tuple[torch.Tensor, torch.Tensor]:
+        """From a teacher-forced pass: each block's query states `(P, K, H)` and prompt `(P, T, D)`."""
+        rows = blocks.batch_index
+        query_states = hidden[rows[:, None], blocks.seg_positions]
+        phrase_ids = torch.gather(input_ids[rows], 1, blocks.phrase_positions)
+        phrase_hidden = hidden[rows[:, None], blocks.phrase_positions]
+        return query_states, self.phrase_prompt(phrase_ids, blocks.phrase_mask, phrase_hidden)
 
     # ---- teacher-forced forward (training, equivalence tests) --------------------
 
@@ -313,10 +323,6 @@ class InstructSam(nn.Module):
         blocks = find_phrase_blocks(input_ids, self.token_ids, self.config.num_queries, self.config.max_phrase_tokens)
         head = None
         if sam_features is not None and len(blocks):
-            rows = blocks.batch_index
-            query_states = hidden[rows[:, None], blocks.seg_positions]  # (P, K, H)
-            phrase_ids = torch.gather(input_ids[rows], 1, blocks.phrase_positions)
-            phrase_hidden = hidden[rows[:, None], blocks.phrase_positions]
-            prompt = self.phrase_prompt(phrase_ids, blocks.phrase_mask, phrase_hidden)
-            head = self.segment_blocks(query_states, prompt, blocks.phrase_mask, sam_features.take(rows))
+            query_states, prompt = self.block_head_inputs(input_ids, hidden, blocks)
+            head = self.segment_blocks(query_states, prompt, blocks.phrase_mask, sam_features.take(blocks.batch_index))
         return InstructSamOutput(text_logits=logits, blocks=blocks, head=head, extras={"hidden_states": hidden})

@@ -88,6 +88,7 @@ def decode_queries(
     text_mask: torch.Tensor | None,
     spatial_shape: tuple[int, int],
     use_presence: bool,
+    reference_boxes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run SAM3's DETR decoder on external queries.
 
@@ -100,6 +101,9 @@ def decode_queries(
         spatial_shape: `(h, w)` of the feature map, for the box relative position bias (plain
             ints: as tensors they would cost a host sync per layer and break compiled graphs).
         use_presence: prepend the learned presence token, as stock SAM3 does.
+        reference_boxes: `(B, K, 4)` cxcywh boxes in (0, 1) the slots start from, in place
+            of the decoder's learned ones (training's denoising queries start from noised
+            ground-truth boxes); None = the learned boxes, as inference always runs.
 
     Returns:
         hidden: `(B, K, D)` normalised last-layer query states.
@@ -108,7 +112,12 @@ def decode_queries(
         presence_logits: `(B, 1)` last-layer presence logits, or None.
     """
     B, K, _ = queries.shape
-    ref_boxes = decoder.reference_points.weight[:K].unsqueeze(0).expand(B, -1, -1).sigmoid()
+    if reference_boxes is None:
+        ref_boxes = decoder.reference_points.weight[:K].unsqueeze(0).expand(B, -1, -1).sigmoid()
+    else:
+        if reference_boxes.shape != (B, K, 4):
+            raise ValueError(f"reference_boxes must be {(B, K, 4)}, got {tuple(reference_boxes.shape)}")
+        ref_boxes = reference_boxes.to(queries.dtype)
     hidden = queries
     if use_presence:
         hidden = torch.cat([decoder.presence_token.weight.unsqueeze(0).expand(B, -1, -1), hidden], dim=1)
@@ -147,6 +156,7 @@ def run_head(
     prompt_mask: torch.Tensor | None,
     queries: torch.Tensor | None,
     use_presence: bool,
+    reference_boxes: torch.Tensor | None = None,
 ) -> HeadOutput:
     """SAM3 from image features to per-slot masks, with external prompt and queries.
 
@@ -159,6 +169,7 @@ def run_head(
         prompt_mask: `(B, L)` bool, True = valid token.
         queries: `(B, K, D)` external query contents, or None for SAM3's own learned queries.
         use_presence: decode with SAM3's presence token.
+        reference_boxes: the slots' starting boxes (see `decode_queries`); None = learned.
     """
     fpn = fpn_hidden_states[:-1]
     fpn_pos = fpn_position_encoding[:-1]
@@ -169,7 +180,7 @@ def run_head(
         queries = decoder.query_embed.weight.unsqueeze(0).expand(prompt.shape[0], -1, -1)
     hidden, layer_boxes, presence_logits = decode_queries(
         decoder, queries, encoded.last_hidden_state, encoded.pos_embeds_flattened, encoded.text_features,
-        prompt_mask, tuple(fpn[-1].shape[-2:]), use_presence)
+        prompt_mask, tuple(fpn[-1].shape[-2:]), use_presence, reference_boxes)
     layer_boxes = box_cxcywh_to_xyxy(layer_boxes)
     logits = sam3.dot_product_scoring(decoder_hidden_states=hidden[None], text_features=encoded.text_features,
                                       text_mask=prompt_mask)[0, ..., 0]  # (B, K)
