@@ -82,6 +82,13 @@ INTENTS = {
 }
 
 
+def trained_instruction(expression: str) -> str:
+    """The instruction as the default model's training data ask it: the gRefCOCO reader's
+    question (training/eval/prompts.py, `grefcoco_prompt`), the form it answers. It has
+    never seen a bare expression, and answers one badly."""
+    return f"Can you segment '{expression}' in the image?"
+
+
 @dataclass
 class Expression:
     """An instruction's referring expression, its kind, and the indices of its targets."""

@@ -7,7 +7,9 @@ Starts the node (in this process, on its own executor thread) with the shipped d
 model, then plays a camera and a task planner: it publishes a short stream of scenes of
 the synthetic tabletop world that no training run has seen (seeds of their own) on
 /image, and a new instruction of another kind (colour, attribute, category, spatial,
-multi-target, no target, ...) on /instruction every frame. For each frame it writes the
+multi-target, no target, ...) on /instruction every frame, asked as the default model's
+training data ask ("Can you segment 'the red mug' in the image?",
+`instructsam_core.world.trained_instruction`). For each frame it writes the
 node's overlay (PNG), its label image (PNG) and the InstanceSegmentation it received
 (JSON, images summarised), and prints a table: instruction, instances found, scores, IoU
 of their union with the scene's ground truth, latency.
@@ -43,15 +45,17 @@ class Step:
     """One frame of the stream: its picture, the instruction sent with it, the truth."""
 
     image: np.ndarray
-    instruction: str
+    instruction: str  # what is published on /instruction
+    expression: str  # what it asks for
     kind: str
     truth: np.ndarray  # (H, W) bool: every target pixel
+    targets: int  # how many instances the instruction names (0: none in the scene)
 
 
 def demo_steps(frames: int, height: int, width: int) -> list[Step]:
     """Scenes and instructions (with their exact targets) of the stream, deterministic."""
     from instructsam_core.sample_images import random_scene
-    from instructsam_core.world import expressions
+    from instructsam_core.world import expressions, trained_instruction
 
     steps: list[Step] = []
     seed = DEMO_SEEDS
@@ -66,7 +70,7 @@ def demo_steps(frames: int, height: int, width: int) -> list[Step]:
                 truth = np.zeros(scene.image.shape[:2], bool)
                 for i in e.targets:
                     truth |= scene.objects[i].mask
-                steps.append(Step(scene.image, e.text, e.kind, truth))
+                steps.append(Step(scene.image, trained_instruction(e.text), e.text, e.kind, truth, len(e.targets)))
                 break
         seed += 1
     return steps
@@ -93,6 +97,15 @@ def segmentation_to_dict(msg) -> dict:
                     for k in ("image_encode", "generate", "mask_head", "postprocess", "engine", "node")},
         "image_age": round(float(msg.image_age), 4), "frames_dropped": msg.frames_dropped,
     }
+
+
+def card_scores() -> str:
+    """One line of the default model's held-out scores, from the scores.json beside it."""
+    from instructsam_core.build import default_model_dir
+
+    held = json.loads((default_model_dir() / "scores.json").read_text(encoding="utf-8"))["heldout"]
+    return (f"its held-out scores (MODEL_CARD.md): T-acc {held['t_acc']:.2f}, N-acc {held['n_acc']:.2f}, "
+            f"colour mIoU {held['kinds']['colour']['miou']:.2f}, multi-instance mAP {held['multi_map']:.2f}")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -140,6 +153,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     elif args.checkpoint == "default":
         print("NOTE: the model is the shipped default model, trained on the synthetic tabletop world "
               "only (instructsam_core/default_model/MODEL_CARD.md); the scenes below are of that world.")
+        print(f"      {card_scores()}")
     steps = demo_steps(args.frames, h, w)
     rclpy.init(domain_id=domain)
     executor = MultiThreadedExecutor(num_threads=2)
@@ -196,8 +210,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             with atomic_file(f"{stem}_labels.png") as tmp:
                 PILImage.fromarray(labels).save(tmp, format="PNG")
             write_text_atomic(f"{stem}_instances.json", json.dumps(segmentation_to_dict(res), indent=1))
-            rows.append({"frame": i, "kind": step.kind, "instruction": step.instruction,
-                         "found": len(res.instances), "targets": "none" if not step.truth.any() else "yes",
+            rows.append({"frame": i, "kind": step.kind, "instruction": step.instruction, "expression": step.expression,
+                         "found": len(res.instances), "targets": step.targets,
                          "scores": [round(float(x.score), 2) for x in res.instances],
                          "iou": mask_iou(labels > 0, step.truth), "status": res.status,
                          "engine_ms": 1e3 * res.latency_engine, "node_ms": 1e3 * res.latency_node})
@@ -218,11 +232,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def summary_table(rows: list[dict]) -> str:
     """The printed table: one line per frame, then the mean IoU."""
-    lines = [f"{'#':>2}  {'kind':<11} {'instruction':<34} {'found':>5}  {'scores':<22} {'IoU':>5}  "
+    lines = [f"{'#':>2}  {'kind':<11} {'asks for':<34} {'targets':>7} {'found':>5}  {'scores':<22} {'IoU':>5}  "
              f"{'engine':>8}  {'node':>8}"]
     for r in rows:
         scores = " ".join(f"{s:.2f}" for s in r["scores"][:5]) + (" ..." if len(r["scores"]) > 5 else "")
-        lines.append(f"{r['frame']:>2}  {r['kind']:<11} {r['instruction'][:34]:<34} {r['found']:>5}  "
+        lines.append(f"{r['frame']:>2}  {r['kind']:<11} {r['expression'][:34]:<34} {r['targets']:>7} {r['found']:>5}  "
                      f"{scores or '-':<22} {r['iou']:>5.2f}  {r['engine_ms']:>6.0f}ms  {r['node_ms']:>6.0f}ms")
     if rows:
         lines.append(f"mean IoU of the answers' union masks with the ground truth: "

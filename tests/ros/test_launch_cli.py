@@ -166,7 +166,7 @@ def test_lifecycle_deactivate_stops_results_and_activate_resumes_them(ros2_cli, 
 
 # Every launch argument: a node parameter, a remapping, or a feature of the launch file.
 LAUNCH_ARGUMENTS = {
-    "checkpoint": "parameter", "device": "parameter",
+    "checkpoint": "parameter", "device": "parameter", "backend": "parameter",
     "image": "remapping", "depth": "remapping", "camera_info": "remapping",
     "params_file": "feature: the node's parameters file",
     "namespace": "feature: the node's namespace",

@@ -192,6 +192,7 @@ def test_demo_streams_scenes_and_instructions_and_writes_what_it_got(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "default model" in r.stdout and "3/3 frames answered" in r.stdout and "mean IoU" in r.stdout
+    assert "its held-out scores (MODEL_CARD.md): T-acc" in r.stdout  # what the model can do, from its card
     from instructsam_core.postprocess import mask_iou
     from instructsam_ros.demo import demo_steps
 
@@ -204,6 +205,7 @@ def test_demo_streams_scenes_and_instructions_and_writes_what_it_got(tmp_path):
         labels = np.asarray(Image.open(f"{stem}_labels.png"))
         message = json.loads(Path(f"{stem}_instances.json").read_text())
         assert message["instruction"] == row["instruction"] == step.instruction
+        assert row["targets"] == step.targets and (step.targets > 0) == bool(step.truth.any())
         assert message["header"]["frame_id"] == "camera_color_optical_frame"
         assert len(message["instances"]) == row["found"]
         assert set(np.unique(labels).tolist()) <= set(range(row["found"] + 1))  # ids 1..found, 0 = background

@@ -108,3 +108,11 @@ def test_the_small_preset_is_the_real_architecture_over_the_world_tokenizer():
     assert 2.0e6 < sum(p.numel() for p in built.model.parameters()) < 2.3e6  # ~4 MB in bf16
     assert built.model.vlm.config.text_config.vocab_size >= len(built.tokenizer)
     assert built.model.config.num_queries == 10
+
+
+def test_the_demo_asks_as_the_training_data_ask():
+    from instructsam_core.world import trained_instruction
+    from training.eval.prompts import grefcoco_prompt
+
+    for text in ("the red one", "every cup except the blue one", "the two largest balls"):
+        assert trained_instruction(text) == grefcoco_prompt(text)
