@@ -72,6 +72,8 @@ def write_model_card(model_dir: Path, record: dict) -> Path:
     config = read_model_config(model_dir)
     text, vision = config.vlm["text_config"], config.vlm["vision_config"]
     plan, times = record["plan"], record["times_s"]
+    data_time = (f"data {times['data'] / 60:.1f} min" if times.get("data", 0) > 1.0
+                 else "data written by an earlier invocation")
     weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
     held_out = ", ".join(f"{c} {k}" for c, k in sorted(HELD_OUT_COMBINATIONS))
     text = f"""# instructsam default model (`small`, synthetic tabletop world)
@@ -110,7 +112,7 @@ The project's two-stage pipeline (`training/train.py`), from random weights:
 `training/configs/small_stage1.yaml` ({plan['stage1_steps']} steps) then
 `small_stage2.yaml` ({plan['stage2_steps']} steps, from stage 1 with LoRA merged).
 Command: `{record['command']}` (`python -m training.default_model`).
-Hardware: {record['machine']}. Time: data {times['data'] / 60:.1f} min, stage 1
+Hardware: {record['machine']}. Time: {data_time}, stage 1
 {times['stage1'] / 60:.1f} min, stage 2 {times['stage2'] / 60:.1f} min, evaluation
 {times['evaluate'] / 60:.1f} min. Learning curves: `curves.png`.
 
