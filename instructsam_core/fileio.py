@@ -42,13 +42,17 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder to fill; on success it replaces the folder `path`.
 
     An existing folder is moved aside first and deleted after the swap, so the name
-    always holds a complete folder (the old one until the new one is in).
+    always holds a complete folder (the old one until the new one is in). The folder and
+    its files get the modes of a plain mkdir and open (the umask's), not the owner-only
+    ones of the temporary folder and of safetensors' writer, so a checkpoint installed
+    for other users (a package's data) stays readable.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
+        _plain_modes(tmp)
         if target.exists():
             backup = target.with_name(f".{target.name}.{os.getpid()}.old")
             os.replace(target, backup)
@@ -59,3 +63,18 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_modes(folder: Path) -> None:
+    """Folders 0o777 and files 0o666, less the umask (what mkdir and open give)."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for item in folder.rglob("*"):
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
