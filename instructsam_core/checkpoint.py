@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import InstructSamConfig
+from .config import EngineConfig, InstructSamConfig
 from .fileio import atomic_directory
 from .model.instructsam import InstructSam
 from .tokens import TokenIds
@@ -39,6 +39,9 @@ from .tokens import TokenIds
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
+# Optional: the inference settings a checkpoint was evaluated with (EngineConfig fields),
+# as transformers' generation_config.json holds a model's generation settings.
+ENGINE_CONFIG_NAME = "engine_config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 # config.json fields that belong to InstructSAM rather than to Qwen3VLConfig
@@ -210,6 +213,26 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
+
+
+def read_engine_defaults(directory: str | os.PathLike) -> dict[str, Any]:
+    """The engine settings a checkpoint recommends: its `engine_config.json` (fields of
+    `EngineConfig`, e.g. `{"mask_nms_iou": 0.7}`), or {} when it has none (as released
+    checkpoints). `Segmenter.from_pretrained` starts from these; options given there win."""
+    path = Path(directory) / ENGINE_CONFIG_NAME
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not readable JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected an object of engine settings, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(EngineConfig.__dataclass_fields__))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown engine settings {unknown}; known: "
+                              f"{sorted(EngineConfig.__dataclass_fields__)}")
+    return data
 
 
 def _pixel_bounds(directory: Path) -> dict[str, int]:

@@ -44,8 +44,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     image = _load_image(args.image)
     try:
+        # An option left out keeps the checkpoint's own setting (its engine_config.json).
+        nms = {} if args.mask_nms_iou is None else {"mask_nms_iou": args.mask_nms_iou}
         seg = Segmenter.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
-                                        max_new_tokens=args.max_new_tokens, mask_nms_iou=args.mask_nms_iou)
+                                        max_new_tokens=args.max_new_tokens, **nms)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: cannot load checkpoint {args.checkpoint!r}: {err}") from err
     # The engine logs the untrained-model warning; the overlay and the JSON say it too.
@@ -87,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--max-new-tokens", type=int, default=1024,
                      help="generation budget (the release's 1024); lower cuts long answers (see README, Malformed answers)")
     seg.add_argument("--mask-nms-iou", type=float, default=None,
-                     help="drop a mask overlapping a better one above this IoU (default: off, as the release)")
+                     help="drop a mask overlapping a better one above this IoU; 1 = off (default: the "
+                          "checkpoint's engine_config.json, else off as the release)")
     seg.set_defaults(func=cmd_segment)
     add_acceleration_commands(sub)
     return parser

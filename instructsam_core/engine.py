@@ -14,12 +14,14 @@ import logging
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .backends import Backend, FrameHandle, FrameInput, available_backends, check_backend_options, create_backend
-from .build import DEFAULT_MODEL, BuiltModel, build_model
+from .build import DEFAULT_MODEL, BuiltModel, build_model, default_model_dir
+from .checkpoint import ENGINE_CONFIG_NAME, read_engine_defaults
 from .config import PRESETS, EngineConfig, InstructSamConfig
 from .outputs import Generation, HeadOutput, LogitsProcessor
 from .postprocess import slots_to_result
@@ -41,6 +43,16 @@ def _checked_size(size: tuple[int, int]) -> tuple[int, int]:
     if h < 1 or w < 1:
         raise ValueError(f"output_size must be a positive (H, W), got {size}")
     return h, w
+
+
+def checkpoint_engine_defaults(path: str) -> dict:
+    """The engine settings checkpoint `path` ("default", "tiny" or a directory) recommends
+    (its `engine_config.json`; {} for none, for "tiny" and for a directory that is not there,
+    which `build_model` then reports)."""
+    if path == "tiny":
+        return {}
+    directory = default_model_dir() if path == DEFAULT_MODEL else Path(path)
+    return read_engine_defaults(directory) if directory.is_dir() else {}
 
 
 def _engine_setup(backend: str, backend_options: dict | None, options: dict) -> EngineConfig:
@@ -80,6 +92,9 @@ class Segmenter:
         self.checkpoint = checkpoint
         self.is_untrained = is_untrained
         self.phrase_mode = phrase_mode
+        # The engine settings the checkpoint recommends (its engine_config.json), for a
+        # caller that wants to go back to them (the node, when a parameter is reset).
+        self.checkpoint_defaults: dict = {}
         self._frame: FrameHandle | None = None
         self._frame_key: Hashable | None = None
         self._image_size: tuple[int, int] | None = None
@@ -115,16 +130,24 @@ class Segmenter:
             backend_options: the backend's own settings (for "compiled":
                 `backends.compiled.CompiledOptions` fields, e.g. `{"cache_dir": ...}`; for
                 "tensorrt": `backends.tensorrt_backend.TensorRtOptions`).
-            engine_options: fields of `EngineConfig` (score_threshold, max_new_tokens, ...).
+            engine_options: fields of `EngineConfig` (score_threshold, max_new_tokens, ...);
+                they override the checkpoint's own recommendations (`engine_config.json`
+                in its directory, e.g. the default model's `mask_nms_iou`), which override
+                `EngineConfig`'s defaults.
         """
         if path in PRESETS and path != "tiny":
             raise ValueError(f"preset {path!r} has no embedded weights; pass its checkpoint directory "
                              f"(or Segmenter.from_config({path!r}) for random weights)")
-        engine_config = _engine_setup(backend, backend_options, engine_options)
+        defaults = checkpoint_engine_defaults(path)
+        engine_config = _engine_setup(backend, backend_options, {**defaults, **engine_options})
         if path == DEFAULT_MODEL:
             log.info(DEFAULT_MODEL_NOTE)
-        return cls._serve(build_model(path, device, dtype), path, backend, backend_options, phrase_mode,
-                          engine_config)
+        seg = cls._serve(build_model(path, device, dtype), path, backend, backend_options, phrase_mode,
+                         engine_config)
+        seg.checkpoint_defaults = defaults
+        if defaults:
+            log.info("engine settings from the checkpoint's %s: %s", ENGINE_CONFIG_NAME, defaults)
+        return seg
 
     @classmethod
     def from_config(cls, config: str | InstructSamConfig, device: str | torch.device = "auto",

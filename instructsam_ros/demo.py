@@ -115,7 +115,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--frames", type=int, default=8, help="frames in the stream (one instruction each)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="score threshold (default: 0 for the untrained tiny model, else 0.5)")
+                   help="score threshold (default: 0 for the untrained tiny model, else the checkpoint's own: "
+                        "its engine_config.json, or 0.5)")
     p.add_argument("--size", default="240x320", help="frame size HxW")
     p.add_argument("--out", default="out/demo", help="folder for the overlays, label images and messages")
     p.add_argument("--domain-id", type=int, default=None,
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from instructsam_ros.qos import instruction_qos, output_qos
 
     h, w = (int(v) for v in args.size.lower().split("x"))
-    threshold = args.threshold if args.threshold is not None else (0.0 if args.checkpoint == "tiny" else 0.5)
+    threshold = args.threshold if args.threshold is not None else (0.0 if args.checkpoint == "tiny" else -1.0)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")  # Jazzy+

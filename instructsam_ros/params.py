@@ -63,8 +63,11 @@ def specs() -> dict[str, Spec]:
                         "activation exports the graphs and builds the engines, minutes, into "
                         "~/.cache/instructsam or $INSTRUCTSAM_CACHE); onnxruntime (device cpu: SAM3's graphs on "
                         "onnxruntime, the LLM compiled).", choices=backends()),
-        "score_threshold": Spec(0.5, "Keep instances whose score (0..1) is above this "
-                                "(strictly: 1.0 keeps nothing).", range=(0.0, 1.0)),
+        "score_threshold": Spec(-1.0, "Keep instances whose score (0..1) is above this "
+                                "(strictly: 1.0 keeps nothing). -1 = the checkpoint's own (its "
+                                "engine_config.json: 0.01 for the default model, whose agreeing "
+                                "slots each score low; else 0.5, the RoboRefIt protocol and the "
+                                "released model's).", range=(-1.0, 1.0)),
         "max_instances": Spec(0, "Keep at most this many instances per frame, best first; "
                               "0 = no limit.", range=(0, 1000)),
         "max_new_tokens": Spec(1024, "Generation budget per instruction, in tokens (the "
@@ -72,10 +75,13 @@ def specs() -> dict[str, Spec]:
                                "long answers: phrases past the budget are never generated, and "
                                "when the budget ends right after a phrase the answer gives no "
                                "mask at all (status 'budget_cut').", range=(1, 8192)),
-        "mask_nms_iou": Spec(1.0, "Drop an instance whose mask overlaps a better one by more "
-                             "than this IoU. 1.0 = off (as the released model: every slot above "
-                             "the threshold is kept); e.g. 0.7 removes near-duplicates.",
-                             range=(0.0, 1.0)),
+        "mask_nms_iou": Spec(-1.0, "Drop an instance whose mask overlaps a better one by more "
+                             "than this IoU; e.g. 0.7 removes near-duplicates. 1.0 = off (as the "
+                             "released model: every slot above the threshold is kept). -1 = the "
+                             "checkpoint's own setting (its engine_config.json: 0.7 for the default "
+                             "model, whose slots can predict the same mask; off for a checkpoint "
+                             "without one, as the released model).",
+                             range=(-1.0, 1.0)),
         "image_reliability": Spec("best_effort", "QoS reliability of the image (and depth, "
                                   "camera_info) subscriptions. best_effort matches camera "
                                   "drivers' sensor-data QoS.", choices=RELIABILITIES),
@@ -146,10 +152,17 @@ class Settings:
         return replace(self, **{k: v for k, v in values.items() if k in names})
 
 
-def engine_options(s: Settings) -> dict[str, Any]:
-    """The engine settings (`Segmenter.update_config`) these parameters ask for."""
-    return {"max_new_tokens": s.max_new_tokens, "max_instruction_chars": s.max_instruction_chars,
-            "mask_nms_iou": None if s.mask_nms_iou >= 1.0 else s.mask_nms_iou}
+def engine_options(s: Settings, checkpoint_defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The engine settings (`Segmenter.from_pretrained`, `update_config`) these parameters
+    ask for. `mask_nms_iou` < 0 leaves the checkpoint's own setting: it is left out (for
+    `from_pretrained`, which reads it) or, given `checkpoint_defaults` (the running
+    `Segmenter.checkpoint_defaults`, for `update_config`), taken from there."""
+    options: dict[str, Any] = {"max_new_tokens": s.max_new_tokens, "max_instruction_chars": s.max_instruction_chars}
+    if s.mask_nms_iou >= 0:
+        options["mask_nms_iou"] = None if s.mask_nms_iou >= 1.0 else s.mask_nms_iou
+    elif checkpoint_defaults is not None:
+        options["mask_nms_iou"] = checkpoint_defaults.get("mask_nms_iou")
+    return options
 
 
 def validate(s: Settings) -> str | None:

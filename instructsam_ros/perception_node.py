@@ -342,9 +342,11 @@ class PerceptionNode(LifecycleNode):
             # (zero or repeated stamps from hand-made publishers).
             seg.set_image(rgb, key=None)
             if self._engine_settings is not s:  # settings are replaced whole on every change
-                seg.update_config(**params.engine_options(s))
+                seg.update_config(**params.engine_options(s, seg.checkpoint_defaults))
                 self._engine_settings = s
-            result = seg.segment(text, score_threshold=threshold, max_instances=s.max_instances or None)
+            # A negative threshold (the parameter's default) is the checkpoint's own.
+            result = seg.segment(text, score_threshold=None if threshold < 0 else threshold,
+                                 max_instances=s.max_instances or None)
         age = (self.get_clock().now().nanoseconds - stamp_ns(header.stamp)) * 1e-9
         timing = Timing(latency_node=time.monotonic() - started, image_age=age, frames_dropped=dropped)
         return result_to_msg(result, header, text, instruction_id, with_label_image=s.publish_label_image,

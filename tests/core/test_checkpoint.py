@@ -1,7 +1,9 @@
 """Checkpoints: released key layout, save -> load, strict errors, base models."""
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +174,20 @@ def test_save_is_atomic_over_an_existing_checkpoint(tiny_model, tmp_path):
         assert "model.mask_queries" in f.keys()
 
 
+def test_saved_checkpoint_has_the_umasks_modes_not_owner_only_ones(tiny_model, tmp_path):
+    # mkdtemp makes 0700 folders and safetensors writes 0600 files: a checkpoint installed
+    # as a package's data would be unreadable by other users.
+    model, tok = tiny_model
+    old = os.umask(0o022)
+    try:
+        target = save_checkpoint(model, tok, tmp_path / "ck")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in target.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
+
+
 def test_start_from_base_qwen_and_sam3_directories(tmp_path):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Sam3Config, Sam3Model
 
@@ -222,3 +238,23 @@ def test_load_in_bfloat16_builds_without_a_float32_copy(tiny_checkpoint):
     reference = load_file(str(tiny_checkpoint / "model.safetensors"))["model.mask_queries"]
     assert torch.equal(model.mask_queries, reference.to(torch.bfloat16))
     assert torch.get_default_dtype() == torch.float32  # restored
+
+
+def test_engine_config_json_gives_the_checkpoints_engine_defaults_and_options_win(tiny_checkpoint, tmp_path):
+    from instructsam_core.checkpoint import ENGINE_CONFIG_NAME, read_engine_defaults
+    from instructsam_core.engine import Segmenter
+
+    ckpt = _copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    assert read_engine_defaults(ckpt) == {}  # none: EngineConfig's defaults, as released checkpoints
+    (ckpt / ENGINE_CONFIG_NAME).write_text(json.dumps({"mask_nms_iou": 0.7, "max_new_tokens": 64}))
+    seg = Segmenter.from_pretrained(str(ckpt), device="cpu")
+    assert (seg.config.mask_nms_iou, seg.config.max_new_tokens) == (0.7, 64)
+    assert seg.checkpoint_defaults == {"mask_nms_iou": 0.7, "max_new_tokens": 64}
+    given = Segmenter.from_pretrained(str(ckpt), device="cpu", mask_nms_iou=None)
+    assert given.config.mask_nms_iou is None and given.config.max_new_tokens == 64
+    (ckpt / ENGINE_CONFIG_NAME).write_text(json.dumps({"mask_nms": 0.7}))
+    with pytest.raises(CheckpointError, match=r"engine_config.json: unknown engine settings \['mask_nms'\]"):
+        Segmenter.from_pretrained(str(ckpt), device="cpu")
+    (ckpt / ENGINE_CONFIG_NAME).write_text("[0.7]")
+    with pytest.raises(CheckpointError, match="expected an object"):
+        read_engine_defaults(ckpt)

@@ -92,7 +92,7 @@ def test_parameters_carry_descriptors_with_ranges_and_allowed_values(node, clien
                                         DescribeParameters.Request(names=names)).descriptors}
     assert all(d[n].description for n in names)
     r = d["score_threshold"].floating_point_range[0]
-    assert (r.from_value, r.to_value) == (0.0, 1.0)
+    assert (r.from_value, r.to_value) == (-1.0, 1.0)  # -1: the checkpoint's own
     assert d["max_instances"].integer_range[0].to_value == 1000
     assert d["dtype"].additional_constraints == "one of: auto, float32, bfloat16, float16"
     assert "best_effort" in d["image_reliability"].additional_constraints

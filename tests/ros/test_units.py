@@ -246,10 +246,14 @@ def test_launch_file_starts_rviz_only_on_request_and_defaults_defer_to_the_param
 
 def test_engine_options_follow_the_release_by_default():
     defaults = params.Settings.defaults()
-    assert params.engine_options(defaults) == {"max_new_tokens": 1024, "mask_nms_iou": None,
-                                               "max_instruction_chars": 2000}
+    # mask_nms_iou -1: the checkpoint's own setting, which from_pretrained reads itself
+    assert params.engine_options(defaults) == {"max_new_tokens": 1024, "max_instruction_chars": 2000}
+    assert params.engine_options(defaults, {"mask_nms_iou": 0.7})["mask_nms_iou"] == 0.7  # back to it on a change
+    assert params.engine_options(defaults, {})["mask_nms_iou"] is None  # a checkpoint without one: off
     tuned = defaults.with_values({"max_new_tokens": 32, "mask_nms_iou": 0.7})
     assert params.engine_options(tuned)["max_new_tokens"] == 32 and params.engine_options(tuned)["mask_nms_iou"] == 0.7
+    off = defaults.with_values({"mask_nms_iou": 1.0})
+    assert params.engine_options(off, {"mask_nms_iou": 0.7})["mask_nms_iou"] is None  # 1.0 = off, whatever the checkpoint
     from instructsam_core.config import EngineConfig
     assert params.engine_options(defaults)["max_instruction_chars"] == EngineConfig().max_instruction_chars
 
