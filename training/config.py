@@ -87,7 +87,9 @@ class ModelConfig:
     (an InstructSAM checkpoint directory `checkpoint`, e.g. stage 1 merged: stage 2), or
     "preset" (random weights of `preset`, seeded by `seed`: tests, the default model).
     `init_weights` (preset only): "transformers" (as built) or "fan_in" (redrawn for
-    training from scratch, see training/initialization.py).
+    training from scratch, see training/initialization.py). `box_prior` (preset only):
+    start SAM3's box relative-position bias as "attend inside your box" with this strength
+    (0 = as initialised; see `training.initialization.box_attention_prior`).
     """
 
     init: str = "base"
@@ -97,6 +99,7 @@ class ModelConfig:
     preset: str = "tiny"
     seed: int = 0
     init_weights: str = "transformers"
+    box_prior: float = 0.0
     # LoRA on the LLM's attention projections (the release: r 64, alpha 16, dropout 0.05).
     lora_r: int = 64
     lora_alpha: int = 16
@@ -130,8 +133,9 @@ class LossConfig:
     box_giou: float = 0.0
     match_box_l1: float = 0.0
     match_box_giou: float = 0.0
-    # A matched slot's score target: "dice" (the release: max(its mask's Dice, 0.1)) or
-    # "one" (DETR's class target; see training/losses.py).
+    # The slot scores' target: "dice" (the release: a matched slot's max(its mask's Dice,
+    # 0.1)), "one" (DETR's class target) or "quality" (every slot's best Dice with any
+    # instance; see training/losses.py).
     score_target: str = "dice"
     # SAM3's semantic head (one mask of all a phrase names): BCE and Dice weights; off in
     # the release's recipe, a dense signal for a head trained from random weights.

@@ -11,7 +11,12 @@ What the release computes (its assigner, point sampler and loss modules), writte
 - slot scores: BCE against max(dice(sigmoid mask, instance), 0.1) for matched slots and 0
   for the others (all 0 for a phrase with no instance); optionally 1 for matched slots
   (`score_target="one"`, DETR's class target: a matched slot's score does not wait for
-  its mask to be good, which matters for a head trained from random weights);
+  its mask to be good, which matters for a head trained from random weights); or, for every
+  slot, matched or not, the best Dice of its mask with any of the phrase's instances
+  (`score_target="quality"`, a mask-quality score like SAM's IoU prediction: slots that
+  predict the same good mask all score high, and the engine's `mask_nms_iou` keeps one;
+  a head trained from random weights whose slots have not come apart still learns to
+  score its answer);
 - averages: mask terms over all matched slots of the batch, the score term over phrases.
 
 Optionally (off in the release's recipe, whose SAM3 starts pretrained), DETR's box terms:
@@ -33,7 +38,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 
-SCORE_TARGETS = ("dice", "one")
+SCORE_TARGETS = ("dice", "one", "quality")
 
 
 def dice_cost(pred_probs: torch.Tensor, gt: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -156,6 +161,15 @@ def dice_score(probs: torch.Tensor, gt: torch.Tensor, eps: float = 1e-6) -> torc
     return (2 * (probs * gt).sum(1) + eps) / (probs.sum(1) + gt.sum(1) + eps)
 
 
+@torch.no_grad()
+def best_dice(probs: torch.Tensor, gt: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """`(K,)` each of `(K, h, w)` probability maps' best soft Dice with any of `(N, h, w)` masks."""
+    probs, gt = probs.flatten(1).float(), gt.flatten(1).float()
+    inter = probs @ gt.T  # (K, N)
+    dice = (2 * inter + eps) / (probs.sum(1)[:, None] + gt.sum(1)[None] + eps)
+    return dice.max(1).values
+
+
 @dataclass
 class MaskLosses:
     """The mask, score and box losses of a batch of phrases (unweighted means) and the IoU
@@ -184,8 +198,10 @@ def mask_losses(mask_logits: torch.Tensor, slot_logits: torch.Tensor, targets: l
             the box L1 and generalized-IoU losses (the mean over layers of each layer's
             mean over matched slots; L1 summed over the 4 coordinates, as DETR).
         box_match_weights: (L1, GIoU) matching cost weights on the last layer's boxes.
-        score_target: what a matched slot's score learns: "dice" (the release: max(Dice of
-            its mask, 0.1)) or "one" (DETR's class target: 1).
+        score_target: what the slot scores learn: "dice" (the release: a matched slot's
+            max(Dice of its mask, 0.1), 0 for the others), "one" (DETR's class target: 1
+            for a matched slot) or "quality" (every slot: its mask's best Dice with any
+            instance).
     """
     if score_target not in SCORE_TARGETS:
         raise ValueError(f"score_target must be one of {SCORE_TARGETS}, got {score_target!r}")
@@ -210,6 +226,8 @@ def mask_losses(mask_logits: torch.Tensor, slot_logits: torch.Tensor, targets: l
             if layer_boxes is not None:
                 matched_boxes.append(layer_boxes[p][:, rows_t])  # (L, M, 4)
                 matched_gt_boxes.append(mask_boxes(gt[cols_t]))
+        if score_target == "quality" and len(gt):
+            targets_p = best_dice(mask_logits[p].sigmoid(), gt)
         score_loss.append(F.binary_cross_entropy_with_logits(slot_logits[p].float(), targets_p))
     zero = mask_logits.sum() * 0.0  # keeps the graph when nothing matched
     box_l1 = box_giou = zero

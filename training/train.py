@@ -45,7 +45,7 @@ from training.data import Batch, MixSampler, SkipLog, collate, next_samples, rea
 from training.denoising import denoising_losses
 from training.distributed import Processes
 from training.eval.readers import FormatError
-from training.initialization import INIT_SCHEMES, fan_in_init
+from training.initialization import INIT_SCHEMES, box_attention_prior, fan_in_init
 from training.losses import mask_losses, semantic_losses, text_loss
 from training.parameters import (GROUPS, apply_lora, detailed_counts, group_counts, merge_lora, parameter_groups,
                                  set_trainable)
@@ -77,6 +77,8 @@ def build_start_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> B
         built = build_model(cfg.preset, device=device, dtype="float32", seed=cfg.seed)
         if cfg.init_weights == "fan_in":
             fan_in_init(built.model, torch.Generator(device=built.device).manual_seed(cfg.seed))
+        if cfg.box_prior:
+            box_attention_prior(built.model, cfg.box_prior)
         return built
     raise ConfigError(f"model.init must be base, checkpoint or preset, got {cfg.init!r}")
 

@@ -36,3 +36,25 @@ def test_transformers_init_is_the_built_model():
     reference = build_model("tiny", device="cpu").model
     for (name, p), q in zip(built.named_parameters(), reference.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_box_prior_spreads_the_slots_and_makes_them_look_inside_their_boxes():
+    model = build_start_model(ModelConfig(init="preset", preset="tiny", init_weights="fan_in", box_prior=8.0)).model
+    decoder = model.grounding_model.detr_decoder
+    boxes = decoder.reference_points.weight.detach().sigmoid()  # (K, 4) cxcywh
+    k = len(boxes)
+    centres = boxes[:, :2]
+    assert float(torch.cdist(centres, centres).add(torch.eye(k)).min()) > 0.05  # no two slots start together
+    assert torch.allclose(boxes[:, 2:], torch.full((k, 2), 0.3))
+    assert bool(((centres - 0.15 >= -1e-6) & (centres + 0.15 <= 1 + 1e-6)).all())  # whole boxes in the image
+    with torch.no_grad():
+        rpb = decoder._get_rpb_matrix(boxes[None], (16, 16))[0]  # (heads, K, 256)
+    ys, xs = torch.meshgrid(torch.arange(16) / 16, torch.arange(16) / 16, indexing="ij")
+    for slot, (cx, cy, w, h) in enumerate(boxes.tolist()):
+        inside = ((xs >= cx - w / 2) & (xs <= cx + w / 2) & (ys >= cy - h / 2) & (ys <= cy + h / 2)).flatten()
+        far = ((xs - cx).abs() > w / 2 + 0.25) | ((ys - cy).abs() > h / 2 + 0.25)
+        assert float(rpb[:, slot, inside].abs().max()) < 1e-5  # no bias inside the box
+        assert float(rpb[:, slot, far.flatten()].max()) < -4.0  # far outside: strongly suppressed
+    plain = build_start_model(ModelConfig(init="preset", preset="tiny", init_weights="fan_in")).model
+    plain_refs = plain.grounding_model.detr_decoder.reference_points.weight.detach().sigmoid()
+    assert float((plain_refs - 0.5).abs().max()) < 0.1  # what the prior replaces: every slot at the centre

@@ -128,6 +128,26 @@ def test_score_target_one_is_detrs_class_target_whatever_the_mask():
         mask_losses(logits, torch.zeros(1, 2), [gt], (2.0, 0.5, 1.0), 16, 3.0, 0.75, score_target="iou")
 
 
+def test_score_target_quality_scores_every_slot_by_its_best_instance():
+    gt = torch.zeros(2, 4, 4)
+    gt[0, 0] = 1  # instance 0: the top row
+    gt[1, 3] = 1  # instance 1: the bottom row
+    logits = torch.full((2, 3, 4, 4), -20.0)
+    logits[0, 0, 0] = 20.0  # slot 0: instance 0 exactly
+    logits[0, 1, 0] = 20.0  # slot 1: the same mask (a duplicate, unmatched: Hungarian pairs one slot per instance)
+    logits[0, 2, 3, :2] = 20.0  # slot 2: half of instance 1
+    slot_logits = torch.tensor([[2.0, -1.0, 0.5], [-3.0, 0.0, 1.0]])  # (at logit 0 every target costs log 2)
+    out = mask_losses(logits, slot_logits, [gt, torch.zeros(0, 4, 4)], (2.0, 0.5, 1.0), 16, 3.0, 0.75,
+                      score_target="quality")
+    half = (2 * 2 + 1e-6) / (2 + 4 + 1e-6)  # Dice of 2 pixels of a 4-pixel instance
+    targets = torch.tensor([1.0, 1.0, half])  # the duplicate scores as high as the match
+    expected = (F.binary_cross_entropy_with_logits(slot_logits[0], targets)
+                + F.binary_cross_entropy_with_logits(slot_logits[1], torch.zeros(3))) / 2  # no target: all 0
+    assert float(out.score) == pytest.approx(float(expected), abs=1e-5)
+    release = mask_losses(logits, slot_logits, [gt, torch.zeros(0, 4, 4)], (2.0, 0.5, 1.0), 16, 3.0, 0.75)
+    assert float(release.score) != pytest.approx(float(out.score), abs=1e-3)  # the release scores the duplicate 0
+
+
 def test_text_loss_predicts_the_next_labelled_token_only():
     logits = torch.zeros(1, 4, 3)
     logits[0, 1, 2] = math.log(4.0)  # position 1 predicts token 2 with p = 4/6
