@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from instructsam_core.checkpoint import read_model_config
+from instructsam_core.checkpoint import read_engine_defaults, read_model_config
 from instructsam_core.fileio import write_text_atomic
 from instructsam_core.world import INSTRUCTION_KINDS
 from training.tabletop import HELD_OUT_COMBINATIONS
@@ -62,8 +62,13 @@ def target_rows(record: dict) -> list[tuple[str, float, str, bool]]:
 def targets_table(record: dict) -> str:
     """Markdown: each target, the value reached and whether it is met."""
     lines = ["| target | held-out value | goal | met |", "|---|---|---|---|"]
-    lines += [f"| {name} | {_num(value)} | {goal} | {'yes' if met else 'NO'} |"
-              for name, value, goal, met in target_rows(record)]
+    for name, value, goal, met in target_rows(record):
+        verdict = "yes" if met else "NO"
+        if value == float("inf"):  # the untrained model scored 0: any hit is "infinitely" better
+            value_text, verdict = f"inf (untrained {_num(record['untrained']['multi_map'], 4)})", "yes, trivially"
+        else:
+            value_text = _num(value)
+        lines.append(f"| {name} | {value_text} | {goal} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -76,6 +81,11 @@ def write_model_card(model_dir: Path, record: dict) -> Path:
                  else "data written by an earlier invocation")
     weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
     held_out = ", ".join(f"{c} {k}" for c, k in sorted(HELD_OUT_COMBINATIONS))
+    engine = read_engine_defaults(model_dir)
+    nms_iou = engine.get("mask_nms_iou")
+    settings = (f"score threshold {engine.get('score_threshold', 0.5)}, "
+                + (f"mask NMS at IoU {nms_iou}" if nms_iou is not None else "no mask NMS")
+                + (",\nas its `engine_config.json` sets them; the untrained model runs with the same" if engine else ""))
     text = f"""# instructsam default model (`small`, synthetic tabletop world)
 
 The model every instructsam entry point uses when no checkpoint is given
@@ -120,12 +130,24 @@ Hardware: {record['machine']}. Time: {data_time}, stage 1
 
 {record['heldout']['n']} held-out instructions ({plan['heldout_scenes']} scenes from other seeds, half of them showing
 a held-out combination), through the engine as shipped (bf16 weights run in fp32 on the
-CPU, score threshold 0.5). mIoU: mean per-instruction IoU of the union mask (RoboRefIt's
+CPU, {settings}). mIoU: mean per-instruction IoU of the union mask (RoboRefIt's
 protocol); cIoU: cumulative; mAP: instance mAP (InstructSAM's protocol); N-acc and T-acc
 as GRES defines them. The untrained model is the same architecture with random weights,
 given the instruction as its phrase (it cannot write one).
 
 {heldout_table(record['heldout'], record['untrained'])}
+
+## Limits
+
+- Its K query slots predict one and the same mask, so it finds at most one instance per
+  phrase: the union of what the phrase names (multi-instance mAP near 0), each slot
+  scoring a small fraction of that mask's quality, as the release's score target teaches
+  slots that agree (hence its low score threshold).
+- It answers instructions in the one form its data ask them, "Can you segment
+  '<expression>' in the image?" (`instructsam_core.world.trained_instruction`); other
+  phrasings get malformed answers (status `unpaired_phrases`).
+
+docs/training.md ("The default model") has the diagnosis and what was tried.
 
 ## Targets
 

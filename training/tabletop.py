@@ -77,7 +77,7 @@ def write_split(root: Path, name: str, seeds, kinds: tuple[str, ...] = INSTRUCTI
 
 # ---- evaluation per instruction kind ------------------------------------------------------
 
-def evaluate(segmenter, split_file: Path, score_threshold: float = 0.5, limit: int | None = None,
+def evaluate(segmenter, split_file: Path, score_threshold: float | None = None, limit: int | None = None,
              force_phrase: bool = False, progress: bool = False) -> dict:
     """The project's metrics on a written split, per instruction kind and overall.
 
@@ -85,7 +85,9 @@ def evaluate(segmenter, split_file: Path, score_threshold: float = 0.5, limit: i
     0 for two empty masks), `ciou`, `map` (instance mAP, InstructSAM's protocol). Overall:
     `n_acc` and `t_acc` (GRES: an empty prediction means "no target"), `multi_map` (instance
     mAP over the instructions with two or more targets). `force_phrase` gives the
-    expression as the phrase (no generation), e.g. for an untrained model.
+    expression as the phrase (no generation), e.g. for an untrained model. `score_threshold`
+    None: the segmenter's own (EngineConfig's 0.5, or what its checkpoint's
+    engine_config.json sets).
     """
     from tqdm import tqdm
 

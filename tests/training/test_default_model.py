@@ -20,7 +20,7 @@ def _close(a: float, b: float, tol: float) -> bool:
 
 def test_the_default_model_ships_small_bf16_tied_and_with_its_tokenizer_and_card():
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "MODEL_CARD.md",
-                 "scores.json", "curves.png"):
+                 "scores.json", "curves.png", "engine_config.json"):
         assert (DEFAULT_MODEL_DIR / name).is_file(), name
     total = sum(f.stat().st_size for f in DEFAULT_MODEL_DIR.iterdir() if f.is_file())
     assert total <= 20e6, f"the shipped model folder is {total / 1e6:.1f} MB, more than 20 MB"
