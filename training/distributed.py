@@ -20,6 +20,7 @@ import contextlib
 import functools
 import json
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +76,19 @@ def setup(device_name: str) -> tuple[Processes, torch.device]:
     return Processes(rank, world_size, local_rank), device
 
 
+TEARDOWN_PAUSE_S = 1.0  # far longer than a worker needs to free a finished collective
+
+
 def shutdown(procs: Processes) -> None:
-    """Leave the process group. The barrier first: gloo's worker threads free the tensors
-    of the last collective only once they get the GIL, and tearing the group down while
-    one still waits for it deadlocks (its destructor joins them holding the GIL)."""
+    """Leave the process group. The barrier first, then a pause: gloo's worker threads free
+    the tensors of the last collectives (the barrier's work holds the ones before it) only
+    once they get the GIL, and tearing the group down while one still waits for it
+    deadlocks: its destructor, run here or when the DDP reducer that holds the group is
+    freed, joins them holding the GIL (seen as a hang at the end of a run on a loaded
+    2-core machine, every file written). Sleeping releases the GIL to them."""
     if procs.distributed and dist.is_initialized():
         dist.barrier()
+        time.sleep(TEARDOWN_PAUSE_S)
         dist.destroy_process_group()
 
 
