@@ -108,6 +108,11 @@ class EngineConfig:
     max_new_tokens: int = 1024
     max_instruction_chars: int = 2000  # longer instructions are rejected, not truncated
     system_prompt: str | None = None  # optional system turn of the chat template
+    # How the instruction is put to the model, "{instruction}" marking where it goes, for a
+    # checkpoint trained on one form of question (the default model's engine_config.json:
+    # "Can you segment '{instruction}' in the image?"). An instruction already in that form
+    # is left as it is. None (the release): the instruction as given.
+    instruction_template: str | None = None
     batch_size: int = 8  # frames encoded together by segment_batch
     # Stream mode, off (0) as in the release: a generated answer is replayed for up to this
     # many further `segment` calls with the same instruction (one LLM pass, no decoding),

@@ -45,6 +45,9 @@ def _checked_size(size: tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
+INSTRUCTION_SLOT = "{instruction}"
+
+
 def checkpoint_engine_defaults(path: str) -> dict:
     """The engine settings checkpoint `path` ("default", "tiny" or a directory) recommends
     (its `engine_config.json`; {} for none, for "tiny" and for a directory that is not there,
@@ -72,7 +75,21 @@ def _with_options(config: EngineConfig, options: dict) -> EngineConfig:
         raise ValueError(f"max_new_tokens must be >= 1, got {updated.max_new_tokens}")
     if updated.phrase_reuse_frames < 0:
         raise ValueError(f"phrase_reuse_frames must be >= 0, got {updated.phrase_reuse_frames}")
+    template = updated.instruction_template
+    if template is not None and (not isinstance(template, str) or template.count(INSTRUCTION_SLOT) != 1):
+        raise ValueError(f"instruction_template must be a str with {INSTRUCTION_SLOT} once, got {template!r}")
     return updated
+
+
+def apply_template(template: str | None, instruction: str) -> str:
+    """`instruction` put in `template`'s form (see `EngineConfig.instruction_template`):
+    unchanged when there is no template or it is in that form already."""
+    if template is None:
+        return instruction
+    prefix, suffix = template.split(INSTRUCTION_SLOT)
+    if len(instruction) >= len(prefix) + len(suffix) and instruction.startswith(prefix) and instruction.endswith(suffix):
+        return instruction
+    return prefix + instruction + suffix
 
 
 class Segmenter:
@@ -299,10 +316,12 @@ class Segmenter:
         return self._to_result(generation, head, size, threshold, max_instances, timings)
 
     def _texts(self, instruction: str, phrase: str | None) -> tuple[str, str | None]:
-        """The validated instruction and the phrase to force (None: generate it)."""
+        """The validated instruction as put to the model (in the checkpoint's
+        `instruction_template`, if it has one) and the phrase to force (None: generate it)."""
         text = self.validate_instruction(instruction)
         if phrase is None and self.phrase_mode == "instruction":
             phrase = text
+        text = apply_template(self.config.instruction_template, text)
         return text, None if phrase is None else self.validate_instruction(phrase)
 
     def _limits(self, score_threshold: float | None, max_instances: int | None) -> tuple[float, int | None]:

@@ -82,11 +82,16 @@ INTENTS = {
 }
 
 
+# The one form the default model's training data ask an instruction in: the gRefCOCO
+# reader's question (training/eval/prompts.py, `grefcoco_prompt`). It has never seen a bare
+# expression and answers one badly, so its engine_config.json carries this as its
+# `instruction_template` and the engine puts a plain instruction in this form.
+TRAINED_TEMPLATE = "Can you segment '{instruction}' in the image?"
+
+
 def trained_instruction(expression: str) -> str:
-    """The instruction as the default model's training data ask it: the gRefCOCO reader's
-    question (training/eval/prompts.py, `grefcoco_prompt`), the form it answers. It has
-    never seen a bare expression, and answers one badly."""
-    return f"Can you segment '{expression}' in the image?"
+    """`expression` in the form the default model was trained on (`TRAINED_TEMPLATE`)."""
+    return TRAINED_TEMPLATE.replace("{instruction}", expression)
 
 
 @dataclass

@@ -220,3 +220,24 @@ def test_only_whole_query_blocks_fold_into_a_replayable_answer():
     answer = [5, 1, 6, 8, 9, 9, 7, 2, 5, 1, 6, 8, 9, 9, 7, 3]  # two phrases with K=2 blocks, then the end
     assert _answer_choices(answer, ids, num_queries=2) == [5, 1, 6, 2, 5, 1, 6, 3]
     assert _answer_choices([5, 1, 6, 8, 9, 7, 3], ids, num_queries=2) is None  # a block cut short
+
+
+def test_instruction_template_puts_a_plain_instruction_in_the_trained_form_once(tiny_checkpoint, image):
+    from instructsam_core.engine import apply_template
+
+    template = "Can you segment '{instruction}' in the image?"
+    assert apply_template(template, "the red mug") == "Can you segment 'the red mug' in the image?"
+    assert apply_template(template, "Can you segment 'the red mug' in the image?") == \
+        "Can you segment 'the red mug' in the image?"  # already in the form: as it is
+    assert apply_template(None, "the red mug") == "the red mug"  # the release: as given
+    seg = Segmenter.from_pretrained(str(tiny_checkpoint), phrase_mode="instruction", instruction_template=template)
+    asked = []
+    generate = seg._generate
+    seg._generate = lambda frame, text, phrase, *rest: asked.append((text, phrase)) or generate(frame, text, phrase, *rest)
+    seg.set_image(image)
+    seg.segment("  the red mug ")
+    assert asked == [("Can you segment 'the red mug' in the image?", "the red mug")]  # the phrase stays the words
+    seg.release()
+    for bad in ("no slot", "{instruction} and {instruction}"):
+        with pytest.raises(ValueError, match="instruction_template must be a str with \\{instruction\\} once"):
+            Segmenter.from_pretrained(str(tiny_checkpoint), instruction_template=bad)
