@@ -7,9 +7,9 @@ Starts the node (in this process, on its own executor thread) with the shipped d
 model, then plays a camera and a task planner: it publishes a short stream of scenes of
 the synthetic tabletop world that no training run has seen (seeds of their own) on
 /image, and a new instruction of another kind (colour, attribute, category, spatial,
-multi-target, no target, ...) on /instruction every frame, asked as the default model's
-training data ask ("Can you segment 'the red mug' in the image?",
-`instructsam_core.world.trained_instruction`). For each frame it writes the
+multi-target, no target, ...) on /instruction every frame, as a person would type it
+("the red mug"; the default model's engine_config.json puts it in the one form its
+training data ask, `instructsam_core.world.TRAINED_TEMPLATE`). For each frame it writes the
 node's overlay (PNG), its label image (PNG) and the InstanceSegmentation it received
 (JSON, images summarised), and prints a table: instruction, instances found, scores, IoU
 of their union with the scene's ground truth, latency.
@@ -55,7 +55,7 @@ class Step:
 def demo_steps(frames: int, height: int, width: int) -> list[Step]:
     """Scenes and instructions (with their exact targets) of the stream, deterministic."""
     from instructsam_core.sample_images import random_scene
-    from instructsam_core.world import expressions, trained_instruction
+    from instructsam_core.world import expressions
 
     steps: list[Step] = []
     seed = DEMO_SEEDS
@@ -70,7 +70,7 @@ def demo_steps(frames: int, height: int, width: int) -> list[Step]:
                 truth = np.zeros(scene.image.shape[:2], bool)
                 for i in e.targets:
                     truth |= scene.objects[i].mask
-                steps.append(Step(scene.image, trained_instruction(e.text), e.text, e.kind, truth, len(e.targets)))
+                steps.append(Step(scene.image, e.text, e.text, e.kind, truth, len(e.targets)))
                 break
         seed += 1
     return steps

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from instructsam_core.fileio import atomic_directory, write_text_atomic
-from instructsam_core.world import INSTRUCTION_KINDS
+from instructsam_core.world import INSTRUCTION_KINDS, TRAINED_TEMPLATE
 from training import tabletop
 from training.config import load_config
 
@@ -65,8 +65,9 @@ PILOT = Plan(stage1_scenes=1500, stage2_scenes=1000, stage1_steps=1500, stage2_s
 # matched slot's Dice, 0 for the others) then teaches each to score about Dice/K: 0.01-0.05
 # with a target, under 0.005 without. So: mask NMS keeps one of the equal masks, and the
 # threshold is 0.01, the one of 0.1, 0.05, 0.03, 0.02, 0.01, 0.005 with the best T-acc on
-# the validation split (never the held-out one) while N-acc stays 1.0.
-ENGINE_DEFAULTS = {"mask_nms_iou": 0.7, "score_threshold": 0.01}
+# the validation split (never the held-out one) while N-acc stays 1.0. Its data ask every
+# instruction in one form, so the engine puts plain ones in it (`instruction_template`).
+ENGINE_DEFAULTS = {"mask_nms_iou": 0.7, "score_threshold": 0.01, "instruction_template": TRAINED_TEMPLATE}
 
 # Seeds of each split: disjoint ranges, so no held-out scene is ever a training scene.
 SEEDS = {"stage1": 0, "stage2": 100_000, "val": 500_000, "heldout": 1_000_000}

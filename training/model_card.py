@@ -85,6 +85,7 @@ def write_model_card(model_dir: Path, record: dict) -> Path:
     nms_iou = engine.get("mask_nms_iou")
     settings = (f"score threshold {engine.get('score_threshold', 0.5)}, "
                 + (f"mask NMS at IoU {nms_iou}" if nms_iou is not None else "no mask NMS")
+                + (", its instruction template" if engine.get("instruction_template") else "")
                 + (",\nas its `engine_config.json` sets them; the untrained model runs with the same" if engine else ""))
     text = f"""# instructsam default model (`small`, synthetic tabletop world)
 
@@ -143,9 +144,12 @@ given the instruction as its phrase (it cannot write one).
   phrase: the union of what the phrase names (multi-instance mAP near 0), each slot
   scoring a small fraction of that mask's quality, as the release's score target teaches
   slots that agree (hence its low score threshold).
-- It answers instructions in the one form its data ask them, "Can you segment
-  '<expression>' in the image?" (`instructsam_core.world.trained_instruction`); other
-  phrasings get malformed answers (status `unpaired_phrases`).
+- Its data ask every instruction in one form, "Can you segment '<expression>' in the
+  image?" (`instructsam_core.world.TRAINED_TEMPLATE`), and it has never seen another: its
+  `engine_config.json` gives the engine that form as its `instruction_template`, so a
+  plain "the red mug" is asked that way. Wordings outside its world's expressions get
+  phrases that mean little ("please pick up the red mug": "every red except the mug") or
+  malformed answers (status `unpaired_phrases`).
 
 docs/training.md ("The default model") has the diagnosis and what was tried.
 

@@ -62,3 +62,19 @@ def test_the_card_says_which_targets_are_met_as_its_scores_do():
     for name, value, goal, met in rows:  # "met" is the goal's own comparison, NaN never meets it
         assert met == (value >= float(goal.removeprefix(">= "))), name
     assert targets_table(record) in card  # the card shows these rows, from its own scores
+
+
+def test_the_default_model_answers_a_plain_instruction_as_its_trained_question():
+    # Its data ask every instruction in one form; its engine_config.json has the engine ask
+    # a plain one that way, so the README's "the red object" works as typed.
+    import numpy as np
+
+    from instructsam_core.engine import Segmenter
+    from instructsam_core.sample_images import random_scene
+    from instructsam_core.world import trained_instruction
+
+    seg = Segmenter.from_pretrained("default", device="cpu", dtype="float32")
+    seg.set_image(random_scene(1_000_000, 320, 240).image)
+    plain, asked = seg.segment("the red object"), seg.segment(trained_instruction("the red object"))
+    assert plain.status == "ok" and len(plain) == len(asked) > 0
+    assert np.array_equal(plain.masks, asked.masks) and np.allclose(plain.scores, asked.scores)
