@@ -64,6 +64,17 @@ def test_the_card_says_which_targets_are_met_as_its_scores_do():
     assert targets_table(record) in card  # the card shows these rows, from its own scores
 
 
+def test_the_readme_shows_the_cards_tables():
+    from pathlib import Path
+
+    from training.model_card import heldout_table, targets_table
+
+    record = json.loads(SCORES.read_text())
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert heldout_table(record["heldout"], record["untrained"]) in readme
+    assert targets_table(record) in readme
+
+
 def test_the_default_model_answers_a_plain_instruction_as_its_trained_question():
     # Its data ask every instruction in one form; its engine_config.json has the engine ask
     # a plain one that way, so the README's "the red object" works as typed.
