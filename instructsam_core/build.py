@@ -92,6 +92,14 @@ def default_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
+def checkpoint_dir(source: str | os.PathLike | InstructSamConfig) -> Path | None:
+    """The directory `build_model` loads `source` from ("default": the shipped model's),
+    or None when `source` is a preset or a config (random weights, no directory)."""
+    if isinstance(source, InstructSamConfig) or (isinstance(source, str) and source in PRESETS):
+        return None
+    return default_model_dir() if source == DEFAULT_MODEL else Path(source)
+
+
 def build_model(source: str | os.PathLike | InstructSamConfig, device: str | torch.device = "auto",
                 dtype: str | torch.dtype | None = None, seed: int | None = 0, tokenizer=None) -> BuiltModel:
     """The model from a preset name, a config, or a checkpoint directory.
@@ -109,14 +117,14 @@ def build_model(source: str | os.PathLike | InstructSamConfig, device: str | tor
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    if isinstance(source, InstructSamConfig) or (isinstance(source, str) and source in PRESETS):
+    path = checkpoint_dir(source)
+    if path is None:
         config = source if isinstance(source, InstructSamConfig) else preset(source)
         if tokenizer is None and isinstance(source, str):
             tokenizer = preset_tokenizer(source)
         model, tokenizer = _random_model(config, seed, tokenizer, dev)
         model.to(dtype=torch_dtype)
         return BuiltModel(model.eval(), tokenizer, dev, torch_dtype, untrained=True)
-    path = default_model_dir() if source == DEFAULT_MODEL else Path(source)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist "
                                 f"(or give a preset name: {', '.join(sorted(PRESETS))})")

@@ -14,13 +14,12 @@ import logging
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .backends import Backend, FrameHandle, FrameInput, available_backends, check_backend_options, create_backend
-from .build import DEFAULT_MODEL, BuiltModel, build_model, default_model_dir
+from .build import DEFAULT_MODEL, BuiltModel, build_model, checkpoint_dir
 from .checkpoint import ENGINE_CONFIG_NAME, read_engine_defaults
 from .config import PRESETS, EngineConfig, InstructSamConfig
 from .outputs import Generation, HeadOutput, LogitsProcessor
@@ -49,13 +48,11 @@ INSTRUCTION_SLOT = "{instruction}"
 
 
 def checkpoint_engine_defaults(path: str) -> dict:
-    """The engine settings checkpoint `path` ("default", "tiny" or a directory) recommends
-    (its `engine_config.json`; {} for none, for "tiny" and for a directory that is not there,
-    which `build_model` then reports)."""
-    if path == "tiny":
-        return {}
-    directory = default_model_dir() if path == DEFAULT_MODEL else Path(path)
-    return read_engine_defaults(directory) if directory.is_dir() else {}
+    """The engine settings checkpoint `path` ("default", a preset or a directory) recommends
+    (its `engine_config.json`; {} for none, for a preset and for a directory that is not
+    there, which `build_model` then reports)."""
+    directory = checkpoint_dir(path)
+    return read_engine_defaults(directory) if directory is not None and directory.is_dir() else {}
 
 
 def _engine_setup(backend: str, backend_options: dict | None, options: dict) -> EngineConfig:

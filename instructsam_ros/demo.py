@@ -45,8 +45,7 @@ class Step:
     """One frame of the stream: its picture, the instruction sent with it, the truth."""
 
     image: np.ndarray
-    instruction: str  # what is published on /instruction
-    expression: str  # what it asks for
+    instruction: str  # what is published on /instruction, as a person would type it
     kind: str
     truth: np.ndarray  # (H, W) bool: every target pixel
     targets: int  # how many instances the instruction names (0: none in the scene)
@@ -70,7 +69,7 @@ def demo_steps(frames: int, height: int, width: int) -> list[Step]:
                 truth = np.zeros(scene.image.shape[:2], bool)
                 for i in e.targets:
                     truth |= scene.objects[i].mask
-                steps.append(Step(scene.image, e.text, e.text, e.kind, truth, len(e.targets)))
+                steps.append(Step(scene.image, e.text, e.kind, truth, len(e.targets)))
                 break
         seed += 1
     return steps
@@ -211,7 +210,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             with atomic_file(f"{stem}_labels.png") as tmp:
                 PILImage.fromarray(labels).save(tmp, format="PNG")
             write_text_atomic(f"{stem}_instances.json", json.dumps(segmentation_to_dict(res), indent=1))
-            rows.append({"frame": i, "kind": step.kind, "instruction": step.instruction, "expression": step.expression,
+            rows.append({"frame": i, "kind": step.kind, "instruction": step.instruction, "expression": step.instruction,
                          "found": len(res.instances), "targets": step.targets,
                          "scores": [round(float(x.score), 2) for x in res.instances],
                          "iou": mask_iou(labels > 0, step.truth), "status": res.status,
