@@ -55,6 +55,12 @@ class InstructSamConfig:
     # False: InstructSAM as released (no presence token; score = sigmoid(dot-product logit)).
     # True: keep SAM3's presence token and multiply its probability into the score.
     use_presence: bool = False
+    # False: as SAM3 (its fusion encoder is pre-norm with no final norm, so the DETR decoder,
+    # the scoring and the mask decoder read its image and prompt tokens at whatever scale
+    # its residual stream reached). True: both layer-normalised (no learned scale) first, so
+    # that a head trained from random weights cannot swamp its slots' own content (see
+    # docs/training.md, "Where it stands"). A checkpoint trained with it must run with it.
+    fusion_output_norm: bool = False
     # How cached generation lays out positions and the query block's mask:
     # "release": as the released inference code (1-D positions 0..L-1 for the whole prompt,
     #   a query block's positions shifted by one, its queries also seeing <|mask_end|>);

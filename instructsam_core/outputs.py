@@ -66,6 +66,9 @@ class HeadOutput:
             `boxes`), differentiable through the box head: what a box loss supervises.
         semantic_logits: `(B, h, w)` the mask decoder's semantic head: one mask of
             everything the prompt names (SAM3 trains it; inference does not use it).
+        layer_states: `(B, L, K, D)` every decoder layer's normalised query states (the
+            last layer's are what the scoring and the mask decoder read): what training's
+            slot-spread loss reads.
     """
 
     mask_logits: torch.Tensor
@@ -74,12 +77,13 @@ class HeadOutput:
     presence_logits: torch.Tensor | None = None
     layer_boxes: torch.Tensor | None = None
     semantic_logits: torch.Tensor | None = None
+    layer_states: torch.Tensor | None = None
 
     def split(self, sizes: list[int]) -> list["HeadOutput"]:
         """Per-group outputs of a head run over several groups of rows (`sizes` rows each)."""
         parts = [torch.split(t, sizes) if t is not None else [None] * len(sizes)
                  for t in (self.mask_logits, self.logits, self.boxes, self.presence_logits, self.layer_boxes,
-                           self.semantic_logits)]
+                           self.semantic_logits, self.layer_states)]
         return [HeadOutput(*fields) for fields in zip(*parts)]
 
     def scores(self) -> torch.Tensor:

@@ -100,6 +100,15 @@ class ModelConfig:
     seed: int = 0
     init_weights: str = "transformers"
     box_prior: float = 0.0
+    # Preset only: build the preset with `InstructSamConfig.fusion_output_norm` on (the
+    # fusion encoder's image and prompt tokens layer-normalised before the decoder reads
+    # them); the checkpoints keep it in their config.json, so inference applies it too.
+    fusion_output_norm: bool = False
+    # Preset only: the dropout of SAM3's fusion encoder, DETR decoder and scoring MLP (None:
+    # the preset's, Sam3Config's 0.1). Training from scratch, the slots' own content is
+    # small beside what the attentions return, and dropout noise on those outputs is
+    # what tells the slots apart in training, never at inference (docs/training.md).
+    head_dropout: float | None = None
     # LoRA on the LLM's attention projections (the release: r 64, alpha 16, dropout 0.05).
     lora_r: int = 64
     lora_alpha: int = 16
@@ -141,6 +150,9 @@ class LossConfig:
     # the release's recipe, a dense signal for a head trained from random weights.
     semantic_bce: float = 0.0
     semantic_dice: float = 0.0
+    # The slots' query states held apart after every decoder layer (training/losses.py,
+    # `slot_spread_loss`): its weight, 0 = off as in the release.
+    slot_spread: float = 0.0
     # Denoising queries (training/denoising.py): weight of their mask and box losses (each
     # term weighted as the matched slots' are), 0 = off as in the release; and DN-DETR's
     # box noise scale.

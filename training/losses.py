@@ -26,6 +26,8 @@ weights needs them: its box head otherwise never learns, and the boxes steer the
 attention (SAM3's box relative position bias) to random places. Likewise optional, SAM3's
 semantic head: BCE and Dice of one mask of everything a phrase names (the union of its
 instances), a dense signal every pixel of every sample gives, independent of matching.
+And a slot-spread term (`slot_spread_loss`): the different slots' query states held
+apart after every decoder layer, against the collapse of all slots into one answer.
 """
 
 from __future__ import annotations
@@ -267,6 +269,23 @@ def semantic_losses(semantic_logits: torch.Tensor, targets: list[torch.Tensor]) 
     probs = logits.sigmoid()
     dice = 1 - (2 * (probs * union).sum(1) + 1.0) / (probs.sum(1) + union.sum(1) + 1.0)
     return bce, dice.mean()
+
+
+def slot_spread_loss(layer_states: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine similarity of different slots' query states, over every decoder
+    layer and phrase, from `(P, L, K, D)` states (`HeadOutput.layer_states`).
+
+    1 when the K slots of a phrase all hold one state (the collapse docs/training.md
+    describes), about 1/D for unrelated states: a weight on it makes each slot's own
+    content outlast every decoder layer, so the matching has different slots to tell apart.
+    """
+    k = layer_states.shape[-2]
+    if k < 2 or layer_states.shape[0] == 0:
+        return layer_states.sum() * 0.0
+    unit = F.normalize(layer_states.float(), dim=-1)
+    cosine = unit @ unit.transpose(-1, -2)  # (P, L, K, K)
+    different = ~torch.eye(k, dtype=torch.bool, device=cosine.device)
+    return cosine[..., different].pow(2).mean()
 
 
 def text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

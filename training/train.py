@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from instructsam_core.build import BuiltModel, build_model, from_base_models
+from instructsam_core.build import BuiltModel, build_model, from_base_models, preset_tokenizer
 from instructsam_core.checkpoint import CheckpointError, save_checkpoint
+from instructsam_core.config import InstructSamConfig, preset
 from instructsam_core.fileio import write_text_atomic
 from training import distributed
 from training.checkpoints import (TrainingState, checkpoint_dirs, load_training_checkpoint, optimizer_tensors,
@@ -46,7 +47,7 @@ from training.denoising import denoising_losses
 from training.distributed import Processes
 from training.eval.readers import FormatError
 from training.initialization import INIT_SCHEMES, box_attention_prior, fan_in_init
-from training.losses import mask_losses, semantic_losses, text_loss
+from training.losses import mask_losses, semantic_losses, slot_spread_loss, text_loss
 from training.parameters import (GROUPS, apply_lora, detailed_counts, group_counts, merge_lora, parameter_groups,
                                  set_trainable)
 
@@ -58,6 +59,21 @@ RESUMABLE_LOOP_KEYS = ("seed", "batch_size", "grad_accum", "max_steps", "epochs"
 
 
 # ---- pieces ---------------------------------------------------------------------------------
+
+def preset_config(cfg: ModelConfig) -> InstructSamConfig:
+    """The preset `cfg.preset` with the options a preset start may change."""
+    try:
+        config = preset(cfg.preset)
+    except ValueError as err:
+        raise ConfigError(f"model.preset: {err}") from None
+    config.fusion_output_norm = cfg.fusion_output_norm
+    if cfg.head_dropout is not None:
+        if not 0.0 <= cfg.head_dropout < 1.0:
+            raise ConfigError(f"model.head_dropout must be in [0, 1), got {cfg.head_dropout}")
+        for part in ("detr_encoder_config", "detr_decoder_config"):  # the decoder's also sets the scoring's
+            config.sam3.setdefault(part, {})["dropout"] = cfg.head_dropout
+    return config
+
 
 def build_start_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> BuiltModel:
     """The weights a stage starts from (float32; the loop autocasts on GPUs)."""
@@ -74,7 +90,8 @@ def build_start_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> B
     if cfg.init == "preset":
         if cfg.init_weights not in INIT_SCHEMES:
             raise ConfigError(f"model.init_weights must be one of {INIT_SCHEMES}, got {cfg.init_weights!r}")
-        built = build_model(cfg.preset, device=device, dtype="float32", seed=cfg.seed)
+        built = build_model(preset_config(cfg), device=device, dtype="float32", seed=cfg.seed,
+                            tokenizer=preset_tokenizer(cfg.preset))
         if cfg.init_weights == "fan_in":
             fan_in_init(built.model, torch.Generator(device=built.device).manual_seed(cfg.seed))
         if cfg.box_prior:
@@ -152,6 +169,9 @@ def forward_losses(model, batch: Batch, cfg: TrainConfig, amp_context) -> tuple[
     if loss_cfg.semantic_bce or loss_cfg.semantic_dice:
         parts["semantic_bce"], parts["semantic_dice"] = semantic_losses(out.head.semantic_logits, batch.targets)
         total = total + loss_cfg.semantic_bce * parts["semantic_bce"] + loss_cfg.semantic_dice * parts["semantic_dice"]
+    if loss_cfg.slot_spread:
+        parts["slot_spread"] = slot_spread_loss(out.head.layer_states)
+        total = total + loss_cfg.slot_spread * parts["slot_spread"]
     if loss_cfg.denoise:
         with amp_context:
             dn = denoising_losses(model, out, batch.input_ids, sam, batch.targets, loss_cfg.denoise_noise,

@@ -89,7 +89,7 @@ def decode_queries(
     spatial_shape: tuple[int, int],
     use_presence: bool,
     reference_boxes: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Run SAM3's DETR decoder on external queries.
 
     Arguments:
@@ -110,6 +110,8 @@ def decode_queries(
         layer_boxes: `(B, L, K, 4)` each layer's cxcywh box prediction (the reference
             boxes refined by the box head; the last one is the decoder's answer).
         presence_logits: `(B, 1)` last-layer presence logits, or None.
+        layer_states: `(B, L, K, D)` each layer's normalised query states (what its box
+            head reads; the last one is `hidden`).
     """
     B, K, _ = queries.shape
     if reference_boxes is None:
@@ -127,7 +129,7 @@ def decode_queries(
                                                    encoder_hidden_states=text_features)
     pad = 1 if use_presence else 0
     presence_logits = None
-    layer_boxes = []
+    layer_boxes, layer_states = [], []
     for layer in decoder.layers:
         query_pos = decoder.ref_point_head(decoder.position_encoding.encode_boxes(ref_boxes))  # (B, K, D)
         rpb = decoder._get_rpb_matrix(ref_boxes, spatial_shape)  # (B, h, K, HW)
@@ -137,6 +139,7 @@ def decode_queries(
         hidden = _decoder_layer(layer, hidden, query_pos, text_features, vision_features, vision_pos,
                                 text_attn_mask, rpb)
         slot_hidden = decoder.output_layer_norm(hidden[:, pad:])
+        layer_states.append(slot_hidden)
         # Iterative box refinement; like stock SAM3, no gradient flows through the chain
         # (each layer's prediction trains the box head, the next layer starts from it detached).
         layer_boxes.append((decoder.box_head(slot_hidden) + inverse_sigmoid(ref_boxes)).sigmoid())
@@ -145,7 +148,7 @@ def decode_queries(
             presence_logits = decoder.presence_head(decoder.presence_layer_norm(hidden[:, :1])).squeeze(-1)
             presence_logits = presence_logits.clamp(-decoder.clamp_presence_logit_max_val,
                                                     decoder.clamp_presence_logit_max_val)
-    return slot_hidden, torch.stack(layer_boxes, dim=1), presence_logits
+    return slot_hidden, torch.stack(layer_boxes, dim=1), presence_logits, torch.stack(layer_states, dim=1)
 
 
 def run_head(
@@ -157,6 +160,7 @@ def run_head(
     queries: torch.Tensor | None,
     use_presence: bool,
     reference_boxes: torch.Tensor | None = None,
+    fusion_output_norm: bool = False,
 ) -> HeadOutput:
     """SAM3 from image features to per-slot masks, with external prompt and queries.
 
@@ -170,23 +174,29 @@ def run_head(
         queries: `(B, K, D)` external query contents, or None for SAM3's own learned queries.
         use_presence: decode with SAM3's presence token.
         reference_boxes: the slots' starting boxes (see `decode_queries`); None = learned.
+        fusion_output_norm: layer-normalise the fusion encoder's image and prompt tokens
+            before anything reads them (`InstructSamConfig.fusion_output_norm`).
     """
     fpn = fpn_hidden_states[:-1]
     fpn_pos = fpn_position_encoding[:-1]
     encoded = sam3.detr_encoder(vision_features=[fpn[-1]], text_features=prompt,
                                 vision_pos_embeds=[fpn_pos[-1]], text_mask=prompt_mask)
+    image_tokens, prompt_tokens = encoded.last_hidden_state, encoded.text_features
+    if fusion_output_norm:
+        image_tokens = F.layer_norm(image_tokens, image_tokens.shape[-1:])
+        prompt_tokens = F.layer_norm(prompt_tokens, prompt_tokens.shape[-1:])
     decoder = sam3.detr_decoder
     if queries is None:
         queries = decoder.query_embed.weight.unsqueeze(0).expand(prompt.shape[0], -1, -1)
-    hidden, layer_boxes, presence_logits = decode_queries(
-        decoder, queries, encoded.last_hidden_state, encoded.pos_embeds_flattened, encoded.text_features,
+    hidden, layer_boxes, presence_logits, layer_states = decode_queries(
+        decoder, queries, image_tokens, encoded.pos_embeds_flattened, prompt_tokens,
         prompt_mask, tuple(fpn[-1].shape[-2:]), use_presence, reference_boxes)
     layer_boxes = box_cxcywh_to_xyxy(layer_boxes)
-    logits = sam3.dot_product_scoring(decoder_hidden_states=hidden[None], text_features=encoded.text_features,
+    logits = sam3.dot_product_scoring(decoder_hidden_states=hidden[None], text_features=prompt_tokens,
                                       text_mask=prompt_mask)[0, ..., 0]  # (B, K)
     masks = sam3.mask_decoder(decoder_queries=hidden, backbone_features=list(fpn),
-                              encoder_hidden_states=encoded.last_hidden_state,
+                              encoder_hidden_states=image_tokens,
                               prompt_features=prompt, prompt_mask=prompt_mask)
     return HeadOutput(mask_logits=masks.pred_masks, logits=logits, boxes=layer_boxes[:, -1],
                       presence_logits=presence_logits, layer_boxes=layer_boxes,
-                      semantic_logits=masks.semantic_seg[:, 0])
+                      semantic_logits=masks.semantic_seg[:, 0], layer_states=layer_states)

@@ -185,6 +185,22 @@ def test_a_model_with_the_presence_token_exports_its_presence_logits(tmp_path):
     assert report.passed and {r.output for r in report.rows} >= {"presence_logits"}, report.table()
 
 
+def test_a_model_with_the_fusion_output_norm_keeps_it_in_its_checkpoint_and_its_graphs(tmp_path):
+    from instructsam_core.build import build_model
+    from instructsam_core.testing import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "normed", fusion_output_norm=True)
+    model = build_model(path, device="cpu").model
+    assert model.config.fusion_output_norm
+    manifest = export_onnx(model, tmp_path / "onnx", parts=[HEAD])
+    # The parity cases run the eager head (which applies the norm): a graph without it fails.
+    report = check_parity(OnnxRuntimeRunner(tmp_path / "onnx"), parity_cases(model, manifest))
+    assert report.passed, report.table()
+    plain = copy.deepcopy(model)
+    plain.config.fusion_output_norm = False
+    assert not check_parity(OnnxRuntimeRunner(tmp_path / "onnx"), parity_cases(plain, manifest)).passed
+
+
 def test_bad_export_requests_are_clear_errors(exported, tiny_model, tmp_path):
     with pytest.raises(SystemExit, match="opset 17 is too old"):
         _run_cli(["export", "--checkpoint", "tiny", "--out", str(tmp_path / "a"), "--opset", "17"])

@@ -72,3 +72,49 @@ def test_prompt_padding_is_ignored():
         b = run_head(sam3, vision.fpn_hidden_states, vision.fpn_position_encoding, changed, mask, q, False)
     torch.testing.assert_close(a.mask_logits, b.mask_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+
+
+def _values_read_by_the_first_decoder_layer(sam3, run):
+    """The keys/values the first decoder layer's text and image cross-attentions read."""
+    seen = {}
+    layer = sam3.detr_decoder.layers[0]
+
+    def keep(name):
+        def hook(module, args, kwargs):
+            seen[name] = kwargs["value"].detach()
+        return hook
+
+    handles = [layer.text_cross_attn.register_forward_pre_hook(keep("prompt"), with_kwargs=True),
+               layer.vision_cross_attn.register_forward_pre_hook(keep("image"), with_kwargs=True)]
+    try:
+        out = run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, seen
+
+
+def test_fusion_output_norm_feeds_the_decoder_unit_scale_tokens():
+    torch.manual_seed(0)
+    sam3 = build_sam3(preset("tiny").sam3, num_queries=4, use_presence=False).eval()
+    pixels, prompt, mask = _inputs()
+    with torch.no_grad():
+        vision = sam3.get_vision_features(pixel_values=pixels)
+        queries = torch.randn(2, 4, 32)
+
+        def run(norm):
+            return lambda: run_head(sam3, vision.fpn_hidden_states, vision.fpn_position_encoding, prompt * 30,
+                                    mask, queries, False, fusion_output_norm=norm)
+
+        plain, plain_seen = _values_read_by_the_first_decoder_layer(sam3, run(False))
+        normed, normed_seen = _values_read_by_the_first_decoder_layer(sam3, run(True))
+    for name in ("image", "prompt"):
+        tokens = normed_seen[name]
+        if name == "prompt":
+            tokens = tokens[mask]  # padded prompt tokens are masked out of the attention
+        torch.testing.assert_close(tokens.mean(-1), torch.zeros(tokens.shape[:-1]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(tokens.var(-1, unbiased=False), torch.ones(tokens.shape[:-1]), atol=1e-3, rtol=0)
+        # off: the decoder reads the encoder's own scale (here about 0.2 for the image, 30 for the prompt)
+        assert abs(float(plain_seen[name].std()) - 1.0) > 0.5, name
+    assert not torch.allclose(plain.mask_logits, normed.mask_logits)
+    assert normed.layer_states.shape == (2, len(sam3.detr_decoder.layers), 4, 32)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from instructsam_core.build import build_model
-from training.config import ModelConfig
+from training.config import ConfigError, ModelConfig
 from training.train import build_start_model
 
 
@@ -20,15 +21,15 @@ def test_fan_in_init_redraws_layers_keeps_embeddings_and_is_seeded():
         assert torch.equal(p, q), name  # the same seed, the same weights
     proj = a.grounding_model.mask_decoder.instance_projection  # a 1x1 conv, fan-in 32
     assert abs(float(proj.weight.detach().std()) - 1 / math.sqrt(32)) < 0.03
-    assert float(proj.bias.abs().max()) == 0.0
+    assert float(proj.bias.detach().abs().max()) == 0.0
     linear = a.grounding_model.detr_decoder.box_head.layer1
-    assert abs(float(linear.weight.std()) - 1 / math.sqrt(linear.in_features)) < 0.03
+    assert abs(float(linear.weight.detach().std()) - 1 / math.sqrt(linear.in_features)) < 0.03
     embed = a.vlm.model.language_model.embed_tokens.weight
     assert torch.equal(embed, embed_before)  # embeddings (and the lm_head tied to them) stay
     assert a.vlm.lm_head.weight is embed
-    assert abs(float(a.mask_queries.std()) - 1.0) < 0.2  # the bank at DETR's scale
+    assert abs(float(a.mask_queries.detach().std()) - 1.0) < 0.2  # the bank at DETR's scale
     cos = torch.nn.functional.cosine_similarity(a.mask_queries[:, None], a.mask_queries[None], dim=-1)
-    assert float((cos - torch.eye(len(cos))).abs().max()) < 0.9  # distinct slots
+    assert float((cos.detach() - torch.eye(len(cos))).abs().max()) < 0.9  # distinct slots
 
 
 def test_transformers_init_is_the_built_model():
@@ -58,3 +59,29 @@ def test_box_prior_spreads_the_slots_and_makes_them_look_inside_their_boxes():
     plain = build_start_model(ModelConfig(init="preset", preset="tiny", init_weights="fan_in")).model
     plain_refs = plain.grounding_model.detr_decoder.reference_points.weight.detach().sigmoid()
     assert float((plain_refs - 0.5).abs().max()) < 0.1  # what the prior replaces: every slot at the centre
+
+
+def test_head_options_build_the_preset_with_them_and_the_same_weights():
+    normed = build_start_model(ModelConfig(init="preset", preset="tiny", init_weights="fan_in", seed=2,
+                                           fusion_output_norm=True, head_dropout=0.0))
+    plain = build_start_model(ModelConfig(init="preset", preset="tiny", init_weights="fan_in", seed=2))
+    assert normed.model.config.fusion_output_norm and not plain.model.config.fusion_output_norm
+
+    def dropouts(model):
+        head = model.grounding_model
+        return {m.p for part in (head.detr_encoder, head.detr_decoder, head.dot_product_scoring)
+                for m in part.modules() if isinstance(m, torch.nn.Dropout)}
+
+    assert max(dropouts(normed.model)) == 0.0 and max(dropouts(plain.model)) == 0.1
+    for (name, p), q in zip(normed.model.named_parameters(), plain.model.parameters()):
+        assert torch.equal(p, q), name  # an option of the forward pass, not of the weights
+    assert len(normed.tokenizer) == len(plain.tokenizer)
+    small = build_start_model(ModelConfig(init="preset", preset="small", fusion_output_norm=True))
+    assert len(small.tokenizer) == len(build_model("small", device="cpu").tokenizer)  # the world's vocabulary
+
+
+def test_bad_preset_options_are_config_errors():
+    with pytest.raises(ConfigError, match="head_dropout must be in"):
+        build_start_model(ModelConfig(init="preset", preset="tiny", head_dropout=1.5))
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        build_start_model(ModelConfig(init="preset", preset="huge"))

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from training.losses import (bce_cost, dice_cost, dice_score, generalized_box_iou, mask_boxes, mask_losses,
-                             match_slots, point_mask_losses, point_sample, semantic_losses, text_loss,
-                             uncertain_points)
+                             match_slots, point_mask_losses, point_sample, semantic_losses, slot_spread_loss,
+                             text_loss, uncertain_points)
 
 
 def softplus(x: float) -> float:
@@ -211,3 +211,19 @@ def test_semantic_losses_score_the_union_of_a_phrases_instances():
     assert float(semantic_losses(torch.full((1, 4, 4), -20.0), [empty])[0]) < 1e-6
     bce, dice = semantic_losses(torch.full((1, 4, 4), 20.0), [empty])
     assert float(bce) > 10 and float(dice) == pytest.approx(1 - 1 / 17, abs=1e-4)
+
+
+def test_slot_spread_loss_is_one_for_collapsed_slots_and_zero_for_orthogonal_ones():
+    same = torch.randn(1, 1, 1, 8).expand(2, 3, 4, 8)  # (P, L, K, D): every slot one state
+    assert float(slot_spread_loss(same)) == pytest.approx(1.0, abs=1e-6)
+    orthogonal = torch.eye(8)[:4].expand(2, 3, 4, 8)
+    assert float(slot_spread_loss(orthogonal)) == pytest.approx(0.0, abs=1e-7)
+    # by hand: slots e0, e0 + e1 (cosine 1/sqrt 2 with e0), e2: pairs (1/2, 0, 0) twice over
+    states = torch.tensor([[1.0, 0, 0], [1, 1, 0], [0, 0, 1]])[None, None]
+    assert float(slot_spread_loss(states)) == pytest.approx((0.5 + 0 + 0) / 3, abs=1e-6)
+    assert float(slot_spread_loss(states * 7)) == pytest.approx(1 / 6, abs=1e-6)  # the scale does not count
+    grad = torch.randn(1, 2, 4, 8, requires_grad=True)
+    slot_spread_loss(grad).backward()
+    assert grad.grad is not None and float(grad.grad.abs().sum()) > 0
+    assert float(slot_spread_loss(torch.randn(1, 2, 1, 8))) == 0.0  # one slot has nothing to be apart from
+    assert float(slot_spread_loss(torch.randn(0, 2, 4, 8))) == 0.0  # no phrase in the batch

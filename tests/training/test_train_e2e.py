@@ -167,3 +167,14 @@ def test_a_setting_added_since_the_run_started_takes_its_default_on_resume(data,
     assert any("score_target:" in line for line in lines)
     saved.write_text("\n".join(line for line in lines if "score_target:" not in line) + "\n")  # an older run's file
     assert train(_short(data[0], run))["finished"]
+
+
+def test_the_slot_spread_loss_and_the_fusion_output_norm_train_and_reach_the_checkpoint(data, tmp_path):
+    from instructsam_core.build import build_model
+
+    run = tmp_path / "run"
+    assert train(_short(data[0], run, "loss.slot_spread=1.0", "model.fusion_output_norm=true"))["finished"]
+    rows = _metrics(run)
+    spreads = [rows[s]["slot_spread"] for s in sorted(rows)]
+    assert all(0.0 <= v <= 1.0 for v in spreads) and len(spreads) == 6
+    assert build_model(run / "final", device="cpu").model.config.fusion_output_norm  # inference applies it too
