@@ -32,12 +32,20 @@ def test_own_queries_with_presence_equal_sam3_forward_exactly(device):
     assert torch.equal(ours.presence_logits, ref.presence_logits)
 
 
-def test_external_queries_drive_the_slots():
+def _tiny_head_and_features():
+    """A seeded tiny SAM3 without the presence token, a batch of two prompts (one padded)
+    and the vision features of their images."""
     torch.manual_seed(0)
     sam3 = build_sam3(preset("tiny").sam3, num_queries=4, use_presence=False).eval()
     pixels, prompt, mask = _inputs()
     with torch.no_grad():
         vision = sam3.get_vision_features(pixel_values=pixels)
+    return sam3, vision, prompt, mask
+
+
+def test_external_queries_drive_the_slots():
+    sam3, vision, prompt, mask = _tiny_head_and_features()
+    with torch.no_grad():
         queries = torch.randn(2, 4, 32)
         a = run_head(sam3, vision.fpn_hidden_states, vision.fpn_position_encoding, prompt, mask, queries, False)
         queries2 = queries.clone()
@@ -95,11 +103,8 @@ def _values_read_by_the_first_decoder_layer(sam3, run):
 
 
 def test_fusion_output_norm_feeds_the_decoder_unit_scale_tokens():
-    torch.manual_seed(0)
-    sam3 = build_sam3(preset("tiny").sam3, num_queries=4, use_presence=False).eval()
-    pixels, prompt, mask = _inputs()
+    sam3, vision, prompt, mask = _tiny_head_and_features()
     with torch.no_grad():
-        vision = sam3.get_vision_features(pixel_values=pixels)
         queries = torch.randn(2, 4, 32)
 
         def run(norm):
