@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 PHRASE_SOURCES = ("token_embeddings", "hidden_states")
+FUSION_NORM_SCOPES = ("all", "decoder")  # see InstructSamConfig.fusion_norm_scope
 GENERATION_COMPAT = ("release", "consistent")
 
 
@@ -61,6 +62,11 @@ class InstructSamConfig:
     # that a head trained from random weights cannot swamp its slots' own content (see
     # docs/training.md, "Where it stands"). A checkpoint trained with it must run with it.
     fusion_output_norm: bool = False
+    # What reads the normalised tokens when `fusion_output_norm` is on: "all" (the DETR
+    # decoder, the scoring and the mask decoder) or "decoder" (the DETR decoder and the
+    # scoring; the mask decoder, and so the semantic head, keeps the encoder's own image
+    # tokens and their per-token scale, which marks where the objects are).
+    fusion_norm_scope: str = "all"
     # How cached generation lays out positions and the query block's mask:
     # "release": as the released inference code (1-D positions 0..L-1 for the whole prompt,
     #   a query block's positions shifted by one, its queries also seeing <|mask_end|>);
@@ -82,6 +88,8 @@ class InstructSamConfig:
             raise ValueError(f"num_queries must be >= 1, got {self.num_queries}")
         if self.phrase_source not in PHRASE_SOURCES:
             raise ValueError(f"phrase_source must be one of {PHRASE_SOURCES}, got {self.phrase_source!r}")
+        if self.fusion_norm_scope not in FUSION_NORM_SCOPES:
+            raise ValueError(f"fusion_norm_scope must be one of {FUSION_NORM_SCOPES}, got {self.fusion_norm_scope!r}")
         if self.generation_compat not in GENERATION_COMPAT:
             raise ValueError(f"generation_compat must be one of {GENERATION_COMPAT}, got {self.generation_compat!r}")
         if not self.vlm:

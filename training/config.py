@@ -104,6 +104,9 @@ class ModelConfig:
     # fusion encoder's image and prompt tokens layer-normalised before the decoder reads
     # them); the checkpoints keep it in their config.json, so inference applies it too.
     fusion_output_norm: bool = False
+    # Preset only: `InstructSamConfig.fusion_norm_scope` ("all", or "decoder": the mask
+    # decoder reads the encoder's own image tokens, at their own scale).
+    fusion_norm_scope: str = "all"
     # Preset only: the dropout of SAM3's fusion encoder, DETR decoder and scoring MLP (None:
     # the preset's, Sam3Config's 0.1). Training from scratch, the slots' own content is
     # small beside what the attentions return, and dropout noise on those outputs is

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from instructsam_core.build import BuiltModel, build_model, from_base_models, preset_tokenizer
 from instructsam_core.checkpoint import CheckpointError, save_checkpoint
-from instructsam_core.config import InstructSamConfig, preset
+from instructsam_core.config import FUSION_NORM_SCOPES, InstructSamConfig, preset
 from instructsam_core.fileio import write_text_atomic
 from training import distributed
 from training.checkpoints import (TrainingState, checkpoint_dirs, load_training_checkpoint, optimizer_tensors,
@@ -67,6 +67,9 @@ def preset_config(cfg: ModelConfig) -> InstructSamConfig:
     except ValueError as err:
         raise ConfigError(f"model.preset: {err}") from None
     config.fusion_output_norm = cfg.fusion_output_norm
+    if cfg.fusion_norm_scope not in FUSION_NORM_SCOPES:
+        raise ConfigError(f"model.fusion_norm_scope must be one of {FUSION_NORM_SCOPES}, got {cfg.fusion_norm_scope!r}")
+    config.fusion_norm_scope = cfg.fusion_norm_scope
     if cfg.head_dropout is not None:
         if not 0.0 <= cfg.head_dropout < 1.0:
             raise ConfigError(f"model.head_dropout must be in [0, 1), got {cfg.head_dropout}")

@@ -134,6 +134,7 @@ class HeadGraph(nn.Module):
         self.sam3 = model.grounding_model
         self.use_presence = model.config.use_presence
         self.fusion_output_norm = model.config.fusion_output_norm
+        self.fusion_norm_scope = model.config.fusion_norm_scope
         # SAM3's position encodings depend on the feature map's size alone: computed once
         # here, they are constants of the graph rather than inputs. The head reads only the
         # coarsest level it keeps.
@@ -150,7 +151,8 @@ class HeadGraph(nn.Module):
         # run_head drops the coarsest level, as SAM3 does, and reads one position encoding:
         # None holds the slots of what the graph never computes.
         head = run_head(self.sam3, fpn + (None,), (None,) * (len(fpn) - 1) + (pos, None), prompt, prompt_mask,
-                        self.projector(query_states), self.use_presence, fusion_output_norm=self.fusion_output_norm)
+                        self.projector(query_states), self.use_presence, fusion_output_norm=self.fusion_output_norm,
+                        fusion_norm_scope=self.fusion_norm_scope)
         outputs = (head.mask_logits, head.logits, head.boxes)
         return outputs + (head.presence_logits,) if self.use_presence else outputs
 

@@ -161,6 +161,7 @@ def run_head(
     use_presence: bool,
     reference_boxes: torch.Tensor | None = None,
     fusion_output_norm: bool = False,
+    fusion_norm_scope: str = "all",
 ) -> HeadOutput:
     """SAM3 from image features to per-slot masks, with external prompt and queries.
 
@@ -176,15 +177,22 @@ def run_head(
         reference_boxes: the slots' starting boxes (see `decode_queries`); None = learned.
         fusion_output_norm: layer-normalise the fusion encoder's image and prompt tokens
             before anything reads them (`InstructSamConfig.fusion_output_norm`).
+        fusion_norm_scope: "all", or "decoder" for the mask decoder to read the encoder's
+            own image tokens (`InstructSamConfig.fusion_norm_scope`).
     """
     fpn = fpn_hidden_states[:-1]
     fpn_pos = fpn_position_encoding[:-1]
     encoded = sam3.detr_encoder(vision_features=[fpn[-1]], text_features=prompt,
                                 vision_pos_embeds=[fpn_pos[-1]], text_mask=prompt_mask)
     image_tokens, prompt_tokens = encoded.last_hidden_state, encoded.text_features
+    mask_decoder_tokens = image_tokens
     if fusion_output_norm:
         image_tokens = F.layer_norm(image_tokens, image_tokens.shape[-1:])
         prompt_tokens = F.layer_norm(prompt_tokens, prompt_tokens.shape[-1:])
+        if fusion_norm_scope == "all":
+            mask_decoder_tokens = image_tokens
+        elif fusion_norm_scope != "decoder":
+            raise ValueError(f"fusion_norm_scope must be 'all' or 'decoder', got {fusion_norm_scope!r}")
     decoder = sam3.detr_decoder
     if queries is None:
         queries = decoder.query_embed.weight.unsqueeze(0).expand(prompt.shape[0], -1, -1)
@@ -195,7 +203,7 @@ def run_head(
     logits = sam3.dot_product_scoring(decoder_hidden_states=hidden[None], text_features=prompt_tokens,
                                       text_mask=prompt_mask)[0, ..., 0]  # (B, K)
     masks = sam3.mask_decoder(decoder_queries=hidden, backbone_features=list(fpn),
-                              encoder_hidden_states=image_tokens,
+                              encoder_hidden_states=mask_decoder_tokens,
                               prompt_features=prompt, prompt_mask=prompt_mask)
     return HeadOutput(mask_logits=masks.pred_masks, logits=logits, boxes=layer_boxes[:, -1],
                       presence_logits=presence_logits, layer_boxes=layer_boxes,

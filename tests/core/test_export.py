@@ -189,9 +189,9 @@ def test_a_model_with_the_fusion_output_norm_keeps_it_in_its_checkpoint_and_its_
     from instructsam_core.build import build_model
     from instructsam_core.testing import make_tiny_checkpoint
 
-    path = make_tiny_checkpoint(tmp_path / "normed", fusion_output_norm=True)
+    path = make_tiny_checkpoint(tmp_path / "normed", fusion_output_norm=True, fusion_norm_scope="decoder")
     model = build_model(path, device="cpu").model
-    assert model.config.fusion_output_norm
+    assert model.config.fusion_output_norm and model.config.fusion_norm_scope == "decoder"
     manifest = export_onnx(model, tmp_path / "onnx", parts=[HEAD])
     # The parity cases run the eager head (which applies the norm): a graph without it fails.
     report = check_parity(OnnxRuntimeRunner(tmp_path / "onnx"), parity_cases(model, manifest))
@@ -199,6 +199,9 @@ def test_a_model_with_the_fusion_output_norm_keeps_it_in_its_checkpoint_and_its_
     plain = copy.deepcopy(model)
     plain.config.fusion_output_norm = False
     assert not check_parity(OnnxRuntimeRunner(tmp_path / "onnx"), parity_cases(plain, manifest)).passed
+    every_part = copy.deepcopy(model)  # the norm's scope is in the graph too
+    every_part.config.fusion_norm_scope = "all"
+    assert not check_parity(OnnxRuntimeRunner(tmp_path / "onnx"), parity_cases(every_part, manifest)).passed
 
 
 def test_bad_export_requests_are_clear_errors(exported, tiny_model, tmp_path):

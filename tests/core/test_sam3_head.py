@@ -1,9 +1,10 @@
 """SAM3 driven through our external-query path equals stock SAM3."""
 
+import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from instructsam_core.config import preset
+from instructsam_core.config import InstructSamConfig, preset
 from instructsam_core.model.sam3_head import PRESENCE_MODULES, build_sam3, run_head
 
 
@@ -123,3 +124,36 @@ def test_fusion_output_norm_feeds_the_decoder_unit_scale_tokens():
         assert abs(float(plain_seen[name].std()) - 1.0) > 0.5, name
     assert not torch.allclose(plain.mask_logits, normed.mask_logits)
     assert normed.layer_states.shape == (2, len(sam3.detr_decoder.layers), 4, 32)
+
+
+def test_the_decoder_scope_leaves_the_mask_decoder_the_encoders_own_tokens():
+    sam3, vision, prompt, mask = _tiny_head_and_features()
+    seen = {}
+    handle = sam3.mask_decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.__setitem__("tokens", kwargs["encoder_hidden_states"].detach()),
+        with_kwargs=True)
+    queries = torch.randn(2, 4, 32)
+    try:
+        with torch.no_grad():
+            def run(**options):
+                return lambda: run_head(sam3, vision.fpn_hidden_states, vision.fpn_position_encoding, prompt * 30,
+                                        mask, queries, False, **options)
+
+            _, plain_seen = _values_read_by_the_first_decoder_layer(sam3, run(fusion_output_norm=False))
+            raw = seen["tokens"]
+            _, scoped_seen = _values_read_by_the_first_decoder_layer(
+                sam3, run(fusion_output_norm=True, fusion_norm_scope="decoder"))
+            scoped = seen["tokens"]
+            run(fusion_output_norm=True, fusion_norm_scope="all")()
+            normed = seen["tokens"]
+            with pytest.raises(ValueError, match="fusion_norm_scope"):
+                run(fusion_output_norm=True, fusion_norm_scope="pixels")()
+    finally:
+        handle.remove()
+    torch.testing.assert_close(scoped, raw)  # the mask decoder reads the encoder's own scale ...
+    torch.testing.assert_close(normed.var(-1, unbiased=False), torch.ones(normed.shape[:-1]), atol=1e-3, rtol=0)
+    image = scoped_seen["image"]  # ... while the DETR decoder still reads unit-scale tokens
+    torch.testing.assert_close(image.var(-1, unbiased=False), torch.ones(image.shape[:-1]), atol=1e-3, rtol=0)
+    assert abs(float(plain_seen["image"].std()) - 1.0) > 0.5
+    with pytest.raises(ValueError, match="fusion_norm_scope must be one of"):
+        InstructSamConfig(fusion_norm_scope="pixels")

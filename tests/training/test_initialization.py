@@ -66,6 +66,10 @@ def test_head_options_build_the_preset_with_them_and_the_same_weights():
                                            fusion_output_norm=True, head_dropout=0.0))
     plain = build_start_model(ModelConfig(init="preset", preset="tiny", init_weights="fan_in", seed=2))
     assert normed.model.config.fusion_output_norm and not plain.model.config.fusion_output_norm
+    assert normed.model.config.fusion_norm_scope == "all"
+    scoped = build_start_model(ModelConfig(init="preset", preset="tiny", fusion_output_norm=True,
+                                           fusion_norm_scope="decoder"))
+    assert scoped.model.config.fusion_norm_scope == "decoder"
 
     def dropouts(model):
         head = model.grounding_model
@@ -83,5 +87,7 @@ def test_head_options_build_the_preset_with_them_and_the_same_weights():
 def test_bad_preset_options_are_config_errors():
     with pytest.raises(ConfigError, match="head_dropout must be in"):
         build_start_model(ModelConfig(init="preset", preset="tiny", head_dropout=1.5))
+    with pytest.raises(ConfigError, match="fusion_norm_scope must be one of"):
+        build_start_model(ModelConfig(init="preset", preset="tiny", fusion_norm_scope="pixels"))
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         build_start_model(ModelConfig(init="preset", preset="huge"))
