@@ -108,16 +108,11 @@ def slot_report(segmenter, split_file: Path, limit: int | None = None, progress:
     from tqdm import tqdm
 
     from instructsam_core.processing import load_rgb
-    from training.eval.grefcoco import read_grefcoco
+    from training.tabletop import split_samples
 
     split_file = Path(split_file)
-    records = json.loads(split_file.read_text(encoding="utf-8"))
-    kinds = [k for r in records for k in r["kinds"]]
-    samples = read_grefcoco(split_file, split_file.parent)
-    if len(samples) != len(kinds):
-        raise ValueError(f"{split_file}: {len(samples)} samples but {len(kinds)} kinds")
     by_kind: dict[str, list[dict]] = defaultdict(list)
-    for sample, kind in tqdm(list(zip(samples, kinds))[:limit], desc=f"slots {split_file.stem}", disable=not progress):
+    for sample, kind in tqdm(split_samples(split_file, limit), desc=f"slots {split_file.stem}", disable=not progress):
         gt = sample.load_gt()
         result = segmenter.segment_image(load_rgb(sample.image), sample.instruction, key=str(sample.image),
                                          score_threshold=0.0)

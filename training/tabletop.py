@@ -77,6 +77,20 @@ def write_split(root: Path, name: str, seeds, kinds: tuple[str, ...] = INSTRUCTI
 
 # ---- evaluation per instruction kind ------------------------------------------------------
 
+def split_samples(split_file: Path, limit: int | None = None) -> list[tuple]:
+    """The first `limit` samples of a split `write_split` wrote, each with its instruction
+    kind, read by the gRefCOCO reader (what evaluation and training read)."""
+    from training.eval.grefcoco import read_grefcoco
+
+    split_file = Path(split_file)
+    records = json.loads(split_file.read_text(encoding="utf-8"))
+    kinds = [k for r in records for k in r["kinds"]]
+    samples = read_grefcoco(split_file, split_file.parent)
+    if len(samples) != len(kinds):
+        raise ValueError(f"{split_file}: {len(samples)} samples but {len(kinds)} kinds")
+    return list(zip(samples, kinds))[:limit]
+
+
 def evaluate(segmenter, split_file: Path, score_threshold: float | None = None, limit: int | None = None,
              force_phrase: bool = False, progress: bool = False) -> dict:
     """The project's metrics on a written split, per instruction kind and overall.
@@ -92,16 +106,10 @@ def evaluate(segmenter, split_file: Path, score_threshold: float | None = None, 
     from tqdm import tqdm
 
     from instructsam_core.processing import load_rgb
-    from training.eval.grefcoco import read_grefcoco
     from training.metrics import INSTRUCTSAM_IOU, InstanceAPAccumulator, SegmentationAccumulator
 
     split_file = Path(split_file)
-    records = json.loads(split_file.read_text(encoding="utf-8"))
-    kinds = [k for r in records for k in r["kinds"]]
-    samples = read_grefcoco(split_file, split_file.parent)
-    if len(samples) != len(kinds):
-        raise ValueError(f"{split_file}: {len(samples)} samples but {len(kinds)} kinds")
-    pairs = list(zip(samples, kinds))[:limit]
+    pairs = split_samples(split_file, limit)
     seg_acc: dict[str, SegmentationAccumulator] = {}
     ap_acc: dict[str, InstanceAPAccumulator] = {}
     overall, multi = SegmentationAccumulator(INSTRUCTSAM_IOU), InstanceAPAccumulator()
