@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    if not args.split.is_file():
+        p.error(f"{args.split} not found: give a split written by training.tabletop "
+                "(python -m training.default_model writes them under <out>/full/data/)")
     from instructsam_core.engine import Segmenter
     from instructsam_core.fileio import write_text_atomic
 

@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from training.slot_diagnostics import main, sample_diagnostics, summarise, within_sample_auc
 
@@ -64,3 +65,6 @@ def test_the_report_runs_the_shipped_model_on_a_written_split(tmp_path, capsys):
         for key in ("instance_best_iou", "found_50", "found_75", "score_auc", "top1_on_target"):
             assert math.isnan(row[key]) or 0.0 <= row[key] <= 1.0, (key, row[key])
     assert "instance_best_iou" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["default", str(tmp_path / "none.json")])
+    assert "none.json not found" in capsys.readouterr().err
