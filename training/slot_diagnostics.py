@@ -17,13 +17,13 @@ with no score threshold (every slot the mask NMS keeps) and measures the two apa
 
     python -m training.slot_diagnostics MODEL_DIR runs/default_model/full/data/heldout.json
 
-prints one table per instruction kind and writes `--json` if given.
+prints one row per instruction kind and writes `--json` if given (null where a kind
+has nothing to measure, e.g. no target).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -145,13 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.split} not found: give a split written by training.tabletop "
                 "(python -m training.default_model writes them under <out>/full/data/)")
     from instructsam_core.engine import Segmenter
-    from instructsam_core.fileio import write_text_atomic
+    from training.eval.summary import write_json_atomic
 
     segmenter = Segmenter.from_pretrained(args.model, device=args.device, dtype="float32")
     report = slot_report(segmenter, args.split, limit=args.limit, progress=True)
     print(format_report(report))
     if args.json:
-        write_text_atomic(args.json, json.dumps(report, indent=1))
+        write_json_atomic(args.json, report)  # NaN (nothing to measure) as null
     return 0
 
 
