@@ -87,9 +87,14 @@ class ModelConfig:
     (an InstructSAM checkpoint directory `checkpoint`, e.g. stage 1 merged: stage 2), or
     "preset" (random weights of `preset`, seeded by `seed`: tests, the default model).
     `init_weights` (preset only): "transformers" (as built) or "fan_in" (redrawn for
-    training from scratch, see training/initialization.py). `box_prior` (preset only):
-    start SAM3's box relative-position bias as "attend inside your box" with this strength
-    (0 = as initialised; see `training.initialization.box_attention_prior`).
+    training from scratch, see training/initialization.py). `box_prior`: start SAM3's box
+    relative-position bias as "attend inside your box" with this strength (0 = as
+    initialised or trained; see `training.initialization.box_attention_prior`).
+
+    The head options (`box_prior`, `fusion_output_norm`, `fusion_norm_scope`,
+    `head_dropout`) apply to every start: to a preset's random weights, or to a trained
+    checkpoint's (a warm start, e.g. the slot recipe from the shipped model; unset, the
+    checkpoint keeps its own).
     """
 
     init: str = "base"
@@ -100,15 +105,15 @@ class ModelConfig:
     seed: int = 0
     init_weights: str = "transformers"
     box_prior: float = 0.0
-    # Preset only: build the preset with `InstructSamConfig.fusion_output_norm` on (the
-    # fusion encoder's image and prompt tokens layer-normalised before the decoder reads
-    # them); the checkpoints keep it in their config.json, so inference applies it too.
-    fusion_output_norm: bool = False
-    # Preset only: `InstructSamConfig.fusion_norm_scope` ("all", or "decoder": the mask
-    # decoder reads the encoder's own image tokens, at their own scale).
-    fusion_norm_scope: str = "all"
-    # Preset only: the dropout of SAM3's fusion encoder, DETR decoder and scoring MLP (None:
-    # the preset's, Sam3Config's 0.1). Training from scratch, the slots' own content is
+    # `InstructSamConfig.fusion_output_norm` (the fusion encoder's image and prompt tokens
+    # layer-normalised before the decoder reads them; None: the start's own, off in the
+    # presets); the checkpoints keep it in their config.json, so inference applies it too.
+    fusion_output_norm: bool | None = None
+    # `InstructSamConfig.fusion_norm_scope` ("all", or "decoder": the mask decoder reads the
+    # encoder's own image tokens, at their own scale; None: the start's own).
+    fusion_norm_scope: str | None = None
+    # The dropout of SAM3's fusion encoder, DETR decoder and scoring MLP (None: the start's
+    # own; Sam3Config's 0.1 in the presets). Training from scratch, the slots' own content is
     # small beside what the attentions return, and dropout noise on those outputs is
     # what tells the slots apart in training, never at inference (docs/training.md).
     head_dropout: float | None = None

@@ -36,8 +36,9 @@ from tqdm import tqdm
 
 from instructsam_core.build import BuiltModel, build_model, from_base_models, preset_tokenizer
 from instructsam_core.checkpoint import CheckpointError, save_checkpoint
-from instructsam_core.config import FUSION_NORM_SCOPES, InstructSamConfig, preset
+from instructsam_core.config import FUSION_NORM_SCOPES, preset
 from instructsam_core.fileio import write_text_atomic
+from instructsam_core.model.instructsam import InstructSam
 from training import distributed
 from training.checkpoints import (TrainingState, checkpoint_dirs, load_training_checkpoint, optimizer_tensors,
                                   rank_snapshot, read_meta, remove_partial, save_training_checkpoint)
@@ -60,47 +61,71 @@ RESUMABLE_LOOP_KEYS = ("seed", "batch_size", "grad_accum", "max_steps", "epochs"
 
 # ---- pieces ---------------------------------------------------------------------------------
 
-def preset_config(cfg: ModelConfig) -> InstructSamConfig:
-    """The preset `cfg.preset` with the options a preset start may change."""
-    try:
-        config = preset(cfg.preset)
-    except ValueError as err:
-        raise ConfigError(f"model.preset: {err}") from None
-    config.fusion_output_norm = cfg.fusion_output_norm
-    if cfg.fusion_norm_scope not in FUSION_NORM_SCOPES:
+# SAM3's parts whose dropout `model.head_dropout` sets (the decoder's config sets the scoring's too).
+HEAD_DROPOUT_PARTS = ("detr_encoder", "detr_decoder", "dot_product_scoring")
+
+
+def check_head_options(cfg: ModelConfig) -> None:
+    """Refuse head options that no start could take, before any weights are built."""
+    if cfg.fusion_norm_scope is not None and cfg.fusion_norm_scope not in FUSION_NORM_SCOPES:
         raise ConfigError(f"model.fusion_norm_scope must be one of {FUSION_NORM_SCOPES}, got {cfg.fusion_norm_scope!r}")
-    config.fusion_norm_scope = cfg.fusion_norm_scope
+    if cfg.head_dropout is not None and not 0.0 <= cfg.head_dropout < 1.0:
+        raise ConfigError(f"model.head_dropout must be in [0, 1), got {cfg.head_dropout}")
+    if cfg.init != "preset" and cfg.init_weights != "transformers":
+        raise ConfigError(f"model.init_weights {cfg.init_weights!r} redraws random weights: it applies to "
+                          f"model.init 'preset' only, not {cfg.init!r}")
+
+
+def apply_head_options(model: InstructSam, cfg: ModelConfig) -> None:
+    """Set the head options `cfg` gives on a built model (preset or trained), in its
+    modules and in its config, so its checkpoints and inference keep them; an option left
+    unset keeps the model's own."""
+    config = model.config
+    if cfg.fusion_output_norm is not None:
+        config.fusion_output_norm = cfg.fusion_output_norm
+    if cfg.fusion_norm_scope is not None:
+        config.fusion_norm_scope = cfg.fusion_norm_scope
     if cfg.head_dropout is not None:
-        if not 0.0 <= cfg.head_dropout < 1.0:
-            raise ConfigError(f"model.head_dropout must be in [0, 1), got {cfg.head_dropout}")
-        for part in ("detr_encoder_config", "detr_decoder_config"):  # the decoder's also sets the scoring's
+        for part in ("detr_encoder_config", "detr_decoder_config"):
             config.sam3.setdefault(part, {})["dropout"] = cfg.head_dropout
-    return config
+        head = model.grounding_model
+        for part in HEAD_DROPOUT_PARTS:
+            for module in getattr(head, part).modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = cfg.head_dropout
+    if cfg.box_prior:
+        box_attention_prior(model, cfg.box_prior)
 
 
 def build_start_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> BuiltModel:
-    """The weights a stage starts from (float32; the loop autocasts on GPUs)."""
+    """The weights a stage starts from (float32; the loop autocasts on GPUs), with the
+    head options of `cfg` applied."""
+    check_head_options(cfg)
     if cfg.init == "base":
         if not cfg.qwen:
             raise ConfigError("model.init 'base' needs model.qwen (a Qwen3-VL directory) and model.sam3")
         if not cfg.sam3:
             log.warning("model.sam3 is empty: SAM3 starts from random weights (an ablation, not the release)")
-        return from_base_models(cfg.qwen, cfg.sam3 or None, device=device, dtype="float32")
-    if cfg.init == "checkpoint":
+        built = from_base_models(cfg.qwen, cfg.sam3 or None, device=device, dtype="float32")
+    elif cfg.init == "checkpoint":
         if not cfg.checkpoint:
             raise ConfigError("model.init 'checkpoint' needs model.checkpoint (e.g. the stage-1 result)")
-        return build_model(cfg.checkpoint, device=device, dtype="float32")
-    if cfg.init == "preset":
+        built = build_model(cfg.checkpoint, device=device, dtype="float32")
+    elif cfg.init == "preset":
         if cfg.init_weights not in INIT_SCHEMES:
             raise ConfigError(f"model.init_weights must be one of {INIT_SCHEMES}, got {cfg.init_weights!r}")
-        built = build_model(preset_config(cfg), device=device, dtype="float32", seed=cfg.seed,
+        try:
+            config = preset(cfg.preset)
+        except ValueError as err:
+            raise ConfigError(f"model.preset: {err}") from None
+        built = build_model(config, device=device, dtype="float32", seed=cfg.seed,
                             tokenizer=preset_tokenizer(cfg.preset))
         if cfg.init_weights == "fan_in":
             fan_in_init(built.model, torch.Generator(device=built.device).manual_seed(cfg.seed))
-        if cfg.box_prior:
-            box_attention_prior(built.model, cfg.box_prior)
-        return built
-    raise ConfigError(f"model.init must be base, checkpoint or preset, got {cfg.init!r}")
+    else:
+        raise ConfigError(f"model.init must be base, checkpoint or preset, got {cfg.init!r}")
+    apply_head_options(built.model, cfg)
+    return built
 
 
 def make_optimizer(groups: dict, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -285,6 +310,11 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     # Read through load_config, so a setting added since the run started takes its default
     # and does not count as a change.
     saved = load_config(saved_file).to_dict()
+    # Runs saved before the head options became "unset: the start's own" wrote false and
+    # "all" for them, which meant just that (the presets' own; ignored on other starts).
+    for key, old_default in (("fusion_output_norm", False), ("fusion_norm_scope", "all")):
+        if saved["model"].get(key) == old_default:
+            saved["model"][key] = None
     now = cfg.to_dict()
     changed = [f"{s}.{k}" for s in RESUMABLE_SECTIONS for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
     changed += [f"loop.{k}" for k in RESUMABLE_LOOP_KEYS if saved.get("loop", {}).get(k) != now["loop"][k]]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from instructsam_core.build import build_model
+from instructsam_core.checkpoint import save_checkpoint
 from training.config import ConfigError, ModelConfig
 from training.train import build_start_model
 
@@ -70,18 +71,41 @@ def test_head_options_build_the_preset_with_them_and_the_same_weights():
     scoped = build_start_model(ModelConfig(init="preset", preset="tiny", fusion_output_norm=True,
                                            fusion_norm_scope="decoder"))
     assert scoped.model.config.fusion_norm_scope == "decoder"
-
-    def dropouts(model):
-        head = model.grounding_model
-        return {m.p for part in (head.detr_encoder, head.detr_decoder, head.dot_product_scoring)
-                for m in part.modules() if isinstance(m, torch.nn.Dropout)}
-
-    assert max(dropouts(normed.model)) == 0.0 and max(dropouts(plain.model)) == 0.1
+    assert max(_dropouts(normed.model)) == 0.0 and max(_dropouts(plain.model)) == 0.1
     for (name, p), q in zip(normed.model.named_parameters(), plain.model.parameters()):
         assert torch.equal(p, q), name  # an option of the forward pass, not of the weights
     assert len(normed.tokenizer) == len(plain.tokenizer)
     small = build_start_model(ModelConfig(init="preset", preset="small", fusion_output_norm=True))
     assert len(small.tokenizer) == len(build_model("small", device="cpu").tokenizer)  # the world's vocabulary
+
+
+def _dropouts(model) -> set[float]:
+    head = model.grounding_model
+    return {m.p for part in (head.detr_encoder, head.detr_decoder, head.dot_product_scoring)
+            for m in part.modules() if isinstance(m, torch.nn.Dropout)}
+
+
+def test_head_options_warm_start_a_trained_checkpoint_and_reach_its_next_checkpoint(tmp_path):
+    trained = build_model("tiny", device="cpu", seed=4)
+    save_checkpoint(trained.model, trained.tokenizer, tmp_path / "trained")
+    start = ModelConfig(init="checkpoint", checkpoint=str(tmp_path / "trained"), fusion_output_norm=True,
+                        head_dropout=0.0, box_prior=8.0)
+    warm = build_start_model(start).model
+    assert warm.config.fusion_output_norm and max(_dropouts(warm)) == 0.0
+    refs = warm.grounding_model.detr_decoder.reference_points.weight.detach().sigmoid()
+    assert float(refs[:, 0].std()) > 0.1  # the slots' boxes spread over the image
+    before = dict(trained.model.named_parameters())
+    changed = {name for name, p in warm.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all("detr_decoder" in name for name in changed), changed  # only the prior's modules
+    # What the warm start trains on is what its checkpoints hold, so inference runs it too.
+    save_checkpoint(warm, build_model("tiny", device="cpu").tokenizer, tmp_path / "warm")
+    again = build_model(tmp_path / "warm", device="cpu").model
+    assert again.config.fusion_output_norm and max(_dropouts(again)) == 0.0
+    # Unset, every option keeps the checkpoint's own.
+    kept = build_start_model(ModelConfig(init="checkpoint", checkpoint=str(tmp_path / "warm"))).model
+    assert kept.config.fusion_output_norm and max(_dropouts(kept)) == 0.0
+    assert max(_dropouts(build_start_model(ModelConfig(init="checkpoint",
+                                                       checkpoint=str(tmp_path / "trained"))).model)) == 0.1
 
 
 def test_bad_preset_options_are_config_errors():
@@ -91,3 +115,5 @@ def test_bad_preset_options_are_config_errors():
         build_start_model(ModelConfig(init="preset", preset="tiny", fusion_norm_scope="pixels"))
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         build_start_model(ModelConfig(init="preset", preset="huge"))
+    with pytest.raises(ConfigError, match="applies to model.init 'preset' only"):
+        build_start_model(ModelConfig(init="checkpoint", checkpoint="anywhere", init_weights="fan_in"))

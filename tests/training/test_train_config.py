@@ -12,7 +12,8 @@ from training.config import ConfigError, DatasetSpec, load_config, save_config
 CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
 
 
-@pytest.mark.parametrize("name", ["stage1.yaml", "stage2.yaml", "small_stage1.yaml", "tiny_stage1.yaml", "tiny_stage2.yaml"])
+@pytest.mark.parametrize("name", ["stage1.yaml", "stage2.yaml", "small_stage1.yaml", "small_stage2.yaml",
+                                  "small_slots_warm.yaml", "tiny_stage1.yaml", "tiny_stage2.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.stage in ("stage1", "stage2")

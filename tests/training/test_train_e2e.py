@@ -169,6 +169,21 @@ def test_a_setting_added_since_the_run_started_takes_its_default_on_resume(data,
     assert train(_short(data[0], run))["finished"]
 
 
+def test_a_run_saved_with_the_old_head_option_defaults_resumes(data, tmp_path):
+    run = tmp_path / "run"
+    train(_short(data[0], run, "loop.stop_after=2"))
+    saved = run / "config.yaml"
+    text = saved.read_text()
+    assert "fusion_output_norm: null" in text and "fusion_norm_scope: null" in text
+    # What runs wrote before "unset" existed: the same settings, spelled as the presets' own.
+    saved.write_text(text.replace("fusion_output_norm: null", "fusion_output_norm: false")
+                     .replace("fusion_norm_scope: null", "fusion_norm_scope: all"))
+    assert train(_short(data[0], run))["finished"]
+    saved.write_text(saved.read_text().replace("fusion_output_norm: false", "fusion_output_norm: true"))
+    with pytest.raises(ValueError, match="another configuration \\(model.fusion_output_norm differ"):
+        train(_short(data[0], run))  # a real change still is one
+
+
 def test_the_slot_spread_loss_and_the_fusion_output_norm_train_and_reach_the_checkpoint(data, tmp_path):
     from instructsam_core.build import build_model
 
