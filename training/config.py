@@ -161,6 +161,9 @@ class LossConfig:
     # The slots' query states held apart after every decoder layer (training/losses.py,
     # `slot_spread_loss`): its weight, 0 = off as in the release.
     slot_spread: float = 0.0
+    # The unmatched slots' masks pushed off the phrase's instances (training/losses.py,
+    # `unmatched_bce`): its weight, 0 = off as in the release.
+    unmatched_mask: float = 0.0
     # Denoising queries (training/denoising.py): weight of their mask and box losses (each
     # term weighted as the matched slots' are), 0 = off as in the release; and DN-DETR's
     # box noise scale.

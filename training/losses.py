@@ -27,7 +27,12 @@ attention (SAM3's box relative position bias) to random places. Likewise optiona
 semantic head: BCE and Dice of one mask of everything a phrase names (the union of its
 instances), a dense signal every pixel of every sample gives, independent of matching.
 And a slot-spread term (`slot_spread_loss`): the different slots' query states held
-apart after every decoder layer, against the collapse of all slots into one answer.
+apart after every decoder layer, against the collapse of all slots into one answer. And an
+unmatched-slot term (`MaskLosses.unmatched`): the matching gives each instance one slot and
+the rest only a score target of 0, so nothing moves their masks; a slot model warm-started
+from a union-mask model keeps every slot on the phrase's region, and its scores cannot rank
+slots that all draw the same mask. The term pushes the unmatched slots' masks off the
+phrase's instances (BCE against 0 on the instances' pixels).
 """
 
 from __future__ import annotations
@@ -176,7 +181,8 @@ def best_dice(probs: torch.Tensor, gt: torch.Tensor, eps: float = 1e-6) -> torch
 class MaskLosses:
     """The mask, score and box losses of a batch of phrases (unweighted means) and the IoU
     of each matched slot's mask (`logit > 0`) with its instance, for logs and evaluation.
-    The box terms are zero unless boxes were given."""
+    The box terms are zero unless boxes were given. `unmatched`: `unmatched_bce` averaged
+    over the phrases that have instances and unmatched slots."""
 
     bce: torch.Tensor
     dice: torch.Tensor
@@ -184,6 +190,21 @@ class MaskLosses:
     matched_ious: list[float]
     box_l1: torch.Tensor | None = None
     box_giou: torch.Tensor | None = None
+    unmatched: torch.Tensor | None = None
+
+
+def unmatched_bce(slot_mask_logits: torch.Tensor, unmatched: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Mean BCE against 0 of the `unmatched` slots' `(K, h, w)` mask logits on the pixels
+    of the phrase's `(N, h, w)` instances: 0 when those slots leave every instance alone.
+
+    BCE rather than the sigmoid's mean: a slot that confidently draws the target (a large
+    logit) still gets a gradient of about 1 per pixel, not a vanishing one.
+    """
+    union = gt.any(0)
+    if not bool(unmatched.any()) or not bool(union.any()):
+        return slot_mask_logits.sum() * 0.0
+    on_target = slot_mask_logits[unmatched][:, union].float()  # (U, pixels of the instances)
+    return F.softplus(on_target).mean()
 
 
 def mask_losses(mask_logits: torch.Tensor, slot_logits: torch.Tensor, targets: list[torch.Tensor],
@@ -210,6 +231,7 @@ def mask_losses(mask_logits: torch.Tensor, slot_logits: torch.Tensor, targets: l
     if len(targets) != mask_logits.shape[0]:
         raise ValueError(f"{mask_logits.shape[0]} query blocks but {len(targets)} phrase targets")
     matched_logits, matched_gt, score_loss, matched_boxes, matched_gt_boxes = [], [], [], [], []
+    unmatched_loss = []
     for p, gt in enumerate(targets):
         gt = gt.to(mask_logits.device)
         if gt.shape[-2:] != mask_logits.shape[-2:]:
@@ -228,6 +250,10 @@ def mask_losses(mask_logits: torch.Tensor, slot_logits: torch.Tensor, targets: l
             if layer_boxes is not None:
                 matched_boxes.append(layer_boxes[p][:, rows_t])  # (L, M, 4)
                 matched_gt_boxes.append(mask_boxes(gt[cols_t]))
+            unmatched = torch.ones(slot_logits.shape[1], dtype=torch.bool, device=mask_logits.device)
+            unmatched[rows_t] = False
+            if bool(unmatched.any()):
+                unmatched_loss.append(unmatched_bce(mask_logits[p], unmatched, gt))
         if score_target == "quality" and len(gt):
             targets_p = best_dice(mask_logits[p].sigmoid(), gt)
         score_loss.append(F.binary_cross_entropy_with_logits(slot_logits[p].float(), targets_p))
@@ -252,7 +278,9 @@ def mask_losses(mask_logits: torch.Tensor, slot_logits: torch.Tensor, targets: l
     else:
         bce, dice, ious = zero, zero, []
     score = torch.stack(score_loss).mean() if score_loss else zero
-    return MaskLosses(bce=bce, dice=dice, score=score, matched_ious=ious, box_l1=box_l1, box_giou=box_giou)
+    unmatched = torch.stack(unmatched_loss).mean() if unmatched_loss else zero
+    return MaskLosses(bce=bce, dice=dice, score=score, matched_ious=ious, box_l1=box_l1, box_giou=box_giou,
+                      unmatched=unmatched)
 
 
 def semantic_losses(semantic_logits: torch.Tensor, targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -200,6 +200,9 @@ def forward_losses(model, batch: Batch, cfg: TrainConfig, amp_context) -> tuple[
     if loss_cfg.slot_spread:
         parts["slot_spread"] = slot_spread_loss(out.head.layer_states)
         total = total + loss_cfg.slot_spread * parts["slot_spread"]
+    if loss_cfg.unmatched_mask:
+        parts["unmatched_mask"] = masks.unmatched
+        total = total + loss_cfg.unmatched_mask * parts["unmatched_mask"]
     if loss_cfg.denoise:
         with amp_context:
             dn = denoising_losses(model, out, batch.input_ids, sam, batch.targets, loss_cfg.denoise_noise,

@@ -148,6 +148,29 @@ def test_score_target_quality_scores_every_slot_by_its_best_instance():
     assert float(release.score) != pytest.approx(float(out.score), abs=1e-3)  # the release scores the duplicate 0
 
 
+def test_unmatched_slots_are_pushed_off_the_phrases_instances_and_only_there():
+    gt = torch.zeros(1, 4, 4)
+    gt[0, 0] = 1  # the instance: the top row
+    logits = torch.full((2, 3, 4, 4), -20.0)
+    logits[0, 0, 0] = 20.0  # slot 0: the instance exactly (the match)
+    logits[0, 1, :2] = 3.0  # slot 1: the instance and the row below it (unmatched, on the target)
+    # slot 2: nothing (unmatched, off the target)
+    logits.requires_grad_(True)
+    slot_logits = torch.zeros(2, 3)
+    out = mask_losses(logits, slot_logits, [gt, torch.zeros(0, 4, 4)], (2.0, 0.5, 1.0), 16, 3.0, 0.75)
+    # the instance's 4 pixels of slots 1 and 2 (phrase 1 has no instance, so nothing to push off)
+    expected = (4 * softplus(3.0) + 4 * softplus(-20.0)) / 8
+    assert float(out.unmatched) == pytest.approx(expected, rel=1e-6)
+    out.unmatched.backward()
+    grad = logits.grad
+    assert float(grad[0, 0].abs().sum()) == 0.0  # the matched slot is left alone
+    assert float(grad[0, 1, 0].min()) > 0  # slot 1's pixels on the instance are pushed down...
+    assert float(grad[0, 1, 1:].abs().sum()) == 0.0  # ...and nowhere else
+    assert float(grad[1].abs().sum()) == 0.0
+    only_match = mask_losses(logits[:1, :1], slot_logits[:1, :1], [gt], (2.0, 0.5, 1.0), 16, 3.0, 0.75)
+    assert float(only_match.unmatched) == 0.0  # every slot matched: nothing to push
+
+
 def test_text_loss_predicts_the_next_labelled_token_only():
     logits = torch.zeros(1, 4, 3)
     logits[0, 1, 2] = math.log(4.0)  # position 1 predicts token 2 with p = 4/6

@@ -5,6 +5,7 @@ killed (also during a checkpoint write) resume where they were."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -188,8 +189,11 @@ def test_the_slot_spread_loss_and_the_fusion_output_norm_train_and_reach_the_che
     from instructsam_core.build import build_model
 
     run = tmp_path / "run"
-    assert train(_short(data[0], run, "loss.slot_spread=1.0", "model.fusion_output_norm=true"))["finished"]
+    assert train(_short(data[0], run, "loss.slot_spread=1.0", "model.fusion_output_norm=true",
+                        "loss.unmatched_mask=1.0"))["finished"]
     rows = _metrics(run)
     spreads = [rows[s]["slot_spread"] for s in sorted(rows)]
     assert all(0.0 <= v <= 1.0 for v in spreads) and len(spreads) == 6
+    unmatched = [rows[s]["unmatched_mask"] for s in sorted(rows)]  # logged, a real BCE (untrained slots overlap)
+    assert len(unmatched) == 6 and all(math.isfinite(v) and v > 0 for v in unmatched)
     assert build_model(run / "final", device="cpu").model.config.fusion_output_norm  # inference applies it too
