@@ -11,7 +11,7 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-PHRASE_SOURCES = ("token_embeddings", "hidden_states")
+PHRASE_SOURCES = ("token_embeddings", "hidden_states", "hidden_states_and_embeddings")
 FUSION_NORM_SCOPES = ("all", "decoder")  # see InstructSamConfig.fusion_norm_scope
 GENERATION_COMPAT = ("release", "consistent")
 
@@ -50,7 +50,11 @@ class InstructSamConfig:
     num_queries: int = 10  # K: instance query slots per phrase (`max_seg_nums`)
     out_dim: int = 256  # width of SAM3's prompt/query space (its DETR hidden size)
     # Where the SAM3 prompt comes from: the phrase's input token embeddings (what the
-    # released checkpoint was trained with) or the LLM's last hidden states at the phrase.
+    # released checkpoint was trained with), the LLM's last hidden states at the phrase, or
+    # both summed ("hidden_states_and_embeddings": each token's embedding, RMS-normalised
+    # to the hidden states' scale, added to its hidden state). A last hidden state is
+    # trained to predict the next token, which need not keep the word it sits on ("red"),
+    # so the sum gives the prompt each word's identity beside its context.
     phrase_source: str = "token_embeddings"
     max_phrase_tokens: int = 32  # phrase length cap, ref start/end tokens included
     # False: InstructSAM as released (no presence token; score = sigmoid(dot-product logit)).

@@ -92,7 +92,7 @@ class ModelConfig:
     initialised or trained; see `training.initialization.box_attention_prior`).
 
     The head options (`box_prior`, `fusion_output_norm`, `fusion_norm_scope`,
-    `head_dropout`) apply to every start: to a preset's random weights, or to a trained
+    `head_dropout`, `phrase_source`) apply to every start: to a preset's random weights, or to a trained
     checkpoint's (a warm start, e.g. the slot recipe from the shipped model; unset, the
     checkpoint keeps its own).
     """
@@ -109,6 +109,9 @@ class ModelConfig:
     # layer-normalised before the decoder reads them; None: the start's own, off in the
     # presets); the checkpoints keep it in their config.json, so inference applies it too.
     fusion_output_norm: bool | None = None
+    # `InstructSamConfig.phrase_source` (what the SAM3 prompt is made from; None: the
+    # start's own). The checkpoints keep it in their config.json, so inference uses it too.
+    phrase_source: str | None = None
     # `InstructSamConfig.fusion_norm_scope` ("all", or "decoder": the mask decoder reads the
     # encoder's own image tokens, at their own scale; None: the start's own).
     fusion_norm_scope: str | None = None

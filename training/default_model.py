@@ -60,17 +60,34 @@ FULL = Plan(stage1_scenes=4000, stage2_scenes=4000, stage1_steps=6500, stage2_st
 PILOT = Plan(stage1_scenes=1500, stage2_scenes=1000, stage1_steps=1500, stage2_steps=400, heldout_scenes=60)
 
 # The engine settings the default model ships with (engine_config.json beside its weights;
-# its evaluation, and the untrained model's, run with them too). Its K slots predict the
-# same mask (docs/training.md, "Where it stands"), and the release's score target (the
-# matched slot's Dice, 0 for the others) then teaches each to score about Dice/K: 0.01-0.05
-# with a target, under 0.005 without. So: mask NMS keeps one of the equal masks, and the
-# threshold is 0.01, the one of 0.1, 0.05, 0.03, 0.02, 0.01, 0.005 with the best T-acc on
-# the validation split (never the held-out one) while N-acc stays 1.0. Its data ask every
-# instruction in one form, so the engine puts plain ones in it (`instruction_template`).
-ENGINE_DEFAULTS = {"mask_nms_iou": 0.7, "score_threshold": 0.01, "instruction_template": TRAINED_TEMPLATE}
+# its evaluation, and the untrained model's, run with them too). Its K slots predict
+# nearly the same mask (docs/training.md, "Where it stands"), so mask NMS keeps one of the
+# equal masks; its data ask every instruction in one form, so the engine puts plain ones
+# in it (`instruction_template`). The score threshold is chosen per model (`choose_threshold`).
+ENGINE_DEFAULTS = {"mask_nms_iou": 0.7, "instruction_template": TRAINED_TEMPLATE}
+
+# The score thresholds tried on the validation split with every kind (`val_all`). The
+# release's score target (the matched slot's Dice, 0 for the others) teaches K slots that
+# agree to score about Dice/K each: 0.01-0.05 with a target, under 0.005 without, so the
+# grid is fine at the low end.
+THRESHOLD_GRID = (0.002, 0.003, 0.004, 0.005, 0.0065, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5)
+
+
+def choose_threshold(sweep: dict[float, dict]) -> float:
+    """The score threshold of a validation sweep (`tabletop.evaluate_thresholds`) with the
+    best gIoU (GRES's: the mean per-instruction IoU, an instruction without a target scoring
+    1 when answered empty, so the masks and the empty answers are judged together); ties go
+    to the higher threshold (fewer false instances)."""
+    if not sweep:
+        raise ValueError("choose_threshold needs a sweep of at least one threshold")
+    return max(sweep, key=lambda t: (round(sweep[t]["giou"], 6), t))
+
 
 # Seeds of each split: disjoint ranges, so no held-out scene is ever a training scene.
-SEEDS = {"stage1": 0, "stage2": 100_000, "val": 500_000, "heldout": 1_000_000}
+# `val` (the stage-1 kinds, as stage 1 trains) is what training validates on; `val_all`
+# (every kind, as the held-out split) is where the engine's score threshold is chosen.
+SEEDS = {"stage1": 0, "stage2": 100_000, "val": 500_000, "val_all": 600_000, "heldout": 1_000_000}
+SPLIT_KINDS = {"stage1": tabletop.STAGE1_KINDS, "val": tabletop.STAGE1_KINDS}  # the others: every kind
 
 
 def write_ci_split(root: Path) -> Path:
@@ -81,22 +98,28 @@ def write_ci_split(root: Path) -> Path:
 
 
 def write_data(root: Path, plan: Plan) -> dict[str, Path]:
-    """The splits of `plan` under `root` (written once; a manifest says what is there)."""
-    manifest = root / "manifest.json"
+    """The splits of `plan` under `root`, each written once: the manifest records what
+    each file holds (its seeds and scene count), so a split added or resized later is
+    written alone and the others are kept."""
+    manifest_file = root / "manifest.json"
     counts = {"stage1": plan.stage1_scenes, "stage2": plan.stage2_scenes, "val": plan.val_scenes,
-              "heldout": plan.heldout_scenes}
-    # The scenes only: a plan that changes its steps keeps its data.
-    wanted = {"scenes": counts, "seeds": SEEDS, "ci_scenes": CI_SCENES}
-    paths = {name: root / f"{name}.json" for name in [*SEEDS, "heldout_ci"]}
-    if manifest.is_file() and json.loads(manifest.read_text()) == wanted and all(p.is_file() for p in paths.values()):
-        return paths
-    log.info("writing the synthetic tabletop data to %s", root)
-    for name, start in SEEDS.items():
-        seeds = range(start, start + counts[name])
-        kinds = tabletop.STAGE1_KINDS if name in ("stage1", "val") else INSTRUCTION_KINDS
-        tabletop.write_split(root, name, seeds, kinds=kinds, held_out=name == "heldout")
-    write_ci_split(root)
-    write_text_atomic(manifest, json.dumps(wanted, indent=1))
+              "val_all": plan.val_scenes, "heldout": plan.heldout_scenes, "heldout_ci": CI_SCENES}
+    wanted = {name: {"first_seed": SEEDS["heldout" if name == "heldout_ci" else name], "scenes": n}
+              for name, n in counts.items()}
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    paths = {name: root / f"{name}.json" for name in wanted}
+    for name, entry in wanted.items():
+        if manifest.get(name) == entry and paths[name].is_file():
+            continue
+        log.info("writing the synthetic tabletop split %s (%d scenes) to %s", name, entry["scenes"], root)
+        if name == "heldout_ci":
+            write_ci_split(root)
+        else:
+            seeds = range(entry["first_seed"], entry["first_seed"] + entry["scenes"])
+            tabletop.write_split(root, name, seeds, kinds=SPLIT_KINDS.get(name, INSTRUCTION_KINDS),
+                                 held_out=name == "heldout")
+        manifest[name] = entry
+        write_text_atomic(manifest_file, json.dumps(manifest, indent=1))  # after each split: a stop loses one at most
     return paths
 
 
@@ -131,43 +154,68 @@ def training_seconds(stage_dir: Path) -> float:
 
 
 def export_bf16(checkpoint: Path, out_dir: Path) -> Path:
-    """The checkpoint with its weights stored in bf16 (what ships: half the bytes) and its
-    engine settings (`ENGINE_DEFAULTS`)."""
+    """The checkpoint with its weights stored in bf16 (what ships: half the bytes); `score`
+    then writes its engine settings."""
     from instructsam_core.build import build_model
-    from instructsam_core.checkpoint import ENGINE_CONFIG_NAME, save_checkpoint
+    from instructsam_core.checkpoint import save_checkpoint
 
     built = build_model(checkpoint, device="cpu", dtype="bfloat16")
-    shipped = save_checkpoint(built.model, built.tokenizer, out_dir)
-    write_text_atomic(shipped / ENGINE_CONFIG_NAME, json.dumps(ENGINE_DEFAULTS, indent=1))
-    return shipped
+    return save_checkpoint(built.model, built.tokenizer, out_dir)
+
+
+def _segmenter(checkpoint: Path | str, **engine_options):
+    from instructsam_core.engine import Segmenter
+
+    return Segmenter.from_pretrained(str(checkpoint), device="cpu", dtype="float32", **engine_options)  # as CI runs it
 
 
 def evaluate(checkpoint: Path | str, split: Path, progress: bool = True) -> dict:
-    """Scores of a checkpoint on a split through the engine (fp32 on the CPU, as CI runs it)."""
-    from instructsam_core.engine import Segmenter
-
-    seg = Segmenter.from_pretrained(str(checkpoint), device="cpu", dtype="float32")
-    return tabletop.evaluate(seg, split, progress=progress)
+    """Scores of a checkpoint on a split through the engine as its engine_config.json sets
+    it (fp32 on the CPU, as CI runs it)."""
+    return tabletop.evaluate(_segmenter(checkpoint), split, progress=progress)
 
 
-def evaluate_untrained(heldout: Path) -> dict:
+def evaluate_untrained(heldout: Path, score_threshold: float) -> dict:
     """The untrained `small` model on the same split, given the expression as its phrase
-    (it cannot write one): the baseline the card compares with."""
+    (it cannot write one): the baseline the card compares with, run as the trained one is."""
     from instructsam_core.engine import Segmenter
 
-    seg = Segmenter.from_config("small", device="cpu", dtype="float32", **ENGINE_DEFAULTS)  # as the trained one runs
+    seg = Segmenter.from_config("small", device="cpu", dtype="float32", score_threshold=score_threshold,
+                                **ENGINE_DEFAULTS)
     return tabletop.evaluate(seg, heldout, force_phrase=True, progress=True)
 
 
+def _accuracy_row(scores: dict) -> dict:
+    """What a threshold trades: gIoU, N-acc, T-acc, multi-instance mAP and the goal's mIoU kinds."""
+    kinds = scores["kinds"]
+    return {**{key: scores[key] for key in ("giou", "n_acc", "t_acc", "multi_map")},
+            **{f"{k}_miou": kinds[k]["miou"] for k in ("colour", "attribute") if k in kinds}}
+
+
 def score(model_dir: Path, data: dict[str, Path], record: dict) -> dict:
-    """Evaluate an exported model (held-out split, CI subset, the untrained baseline) and
-    write its scores.json and model card; `record` says how it was trained."""
+    """Choose the exported model's score threshold on the every-kind validation split and
+    write its engine_config.json, then evaluate it there (held-out split, CI subset, the
+    untrained baseline) and write its scores.json and model card; `record` says how it was
+    trained. The held-out split is scored at every threshold of the grid too, for the
+    card's trade-off table: shown, never used to choose."""
+    from instructsam_core.checkpoint import ENGINE_CONFIG_NAME
     from training.model_card import write_model_card
 
     start = time.perf_counter()
-    scores = {"heldout": evaluate(model_dir, data["heldout"]),
+    val_sweep = tabletop.evaluate_thresholds(_segmenter(model_dir, **ENGINE_DEFAULTS), data["val_all"],
+                                             THRESHOLD_GRID, progress=True)
+    threshold = choose_threshold(val_sweep)
+    log.info("score threshold %g: the best gIoU on %s", threshold, data["val_all"].name)
+    write_text_atomic(model_dir / ENGINE_CONFIG_NAME,
+                      json.dumps({**ENGINE_DEFAULTS, "score_threshold": threshold}, indent=1))
+    heldout_sweep = tabletop.evaluate_thresholds(_segmenter(model_dir), data["heldout"], THRESHOLD_GRID,
+                                                 progress=True)
+    scores = {"threshold": {"chosen": threshold, "rule": "best gIoU on val_all",
+                            "val_all": {str(t): _accuracy_row(v) for t, v in val_sweep.items()},
+                            "heldout": {str(t): _accuracy_row(v) for t, v in heldout_sweep.items()}},
+              "heldout": heldout_sweep[threshold],
               "ci_subset": evaluate(model_dir, data["heldout_ci"], progress=False),
-              "untrained": evaluate_untrained(data["heldout"])}
+              "untrained": evaluate_untrained(data["heldout"], threshold)}
     record = {**record, "times_s": {**record["times_s"], "evaluate": time.perf_counter() - start}, **scores}
     write_text_atomic(model_dir / "scores.json", json.dumps(record, indent=1))
     write_model_card(model_dir, record)
@@ -175,17 +223,14 @@ def score(model_dir: Path, data: dict[str, Path], record: dict) -> dict:
 
 
 def rescore(model_dir: Path, data: dict[str, Path]) -> dict:
-    """The exported model in `model_dir` scored again under today's `ENGINE_DEFAULTS`
-    (written as its engine_config.json), its training record (plan, times, machine) kept:
-    a change of engine settings updates the card without retraining."""
-    from instructsam_core.checkpoint import ENGINE_CONFIG_NAME
-
+    """The exported model in `model_dir` scored again under today's `ENGINE_DEFAULTS` and
+    threshold rule (its engine_config.json rewritten), its training record (plan, times,
+    machine) kept: a change of engine settings updates the card without retraining."""
     scores_file = model_dir / "scores.json"
     if not scores_file.is_file():
         raise SystemExit(f"error: {scores_file} not found: --rescore takes a model this script exported")
     trained = {k: v for k, v in json.loads(scores_file.read_text()).items()
-               if k not in ("heldout", "ci_subset", "untrained")}
-    write_text_atomic(model_dir / ENGINE_CONFIG_NAME, json.dumps(ENGINE_DEFAULTS, indent=1))
+               if k not in ("heldout", "ci_subset", "untrained", "threshold")}
     return score(model_dir, data, trained)
 
 

@@ -72,6 +72,42 @@ def targets_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def threshold_table(threshold: dict) -> str:
+    """Markdown: the score-threshold sweep, on the validation split that chose it (every
+    kind) beside the held-out split (shown, never used to choose); the chosen row in bold."""
+    lines = ["| score threshold | val_all gIoU | val_all N-acc | val_all T-acc | held-out gIoU | held-out N-acc "
+             "| held-out T-acc |", "|---|---|---|---|---|---|---|"]
+    for key, val in threshold["val_all"].items():
+        held = threshold["heldout"][key]
+        cells = [key, *(_num(row[m]) for row in (val, held) for m in ("giou", "n_acc", "t_acc"))]
+        if float(key) == threshold["chosen"]:
+            cells = [f"**{c}**" for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _threshold_section(record: dict) -> str:
+    threshold = record.get("threshold")
+    if not threshold:  # a record scored before the threshold was chosen on val_all
+        return ""
+    lowest = min(threshold["heldout"], key=float)
+    return f"""
+## Score threshold
+
+Chosen on the validation split with every instruction kind (`val_all`: its own seeds, not
+the held-out split's): the threshold of the grid with the best gIoU (GRES's: the mean
+per-instruction IoU, an empty answer to a no-target instruction scoring 1), which judges
+the masks and the empty answers together; ties to the higher threshold. Chosen:
+{threshold['chosen']}. What each threshold trades:
+
+{threshold_table(threshold)}
+
+Even at {lowest}, the lowest tried, T-acc on the held-out split is
+{_num(threshold['heldout'][lowest]['t_acc'])}: its other target instructions get no instance at any threshold of the
+grid, so no threshold lifts T-acc above that.
+"""
+
+
 def write_model_card(model_dir: Path, record: dict) -> Path:
     """MODEL_CARD.md in `model_dir` from a scores.json record (see training/default_model.py)."""
     config = read_model_config(model_dir)
@@ -137,7 +173,7 @@ as GRES defines them. The untrained model is the same architecture with random w
 given the instruction as its phrase (it cannot write one).
 
 {heldout_table(record['heldout'], record['untrained'])}
-
+{_threshold_section(record)}
 ## Limits
 
 - Its K query slots predict one and the same mask, so it finds at most one instance per

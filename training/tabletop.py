@@ -26,6 +26,7 @@ from PIL import Image
 from instructsam_core.sample_images import Scene, random_scene
 from instructsam_core.world import INSTRUCTION_KINDS, expressions
 from training.eval.masks import rle_encode
+from training.metrics import GRES_IOU, INSTRUCTSAM_IOU, InstanceAPAccumulator, SegmentationAccumulator
 
 STAGE1_KINDS = ("category", "colour", "attribute", "no_target")  # referring data: stage 1
 # Never drawn in training scenes: the held-out split tests them (a committed list; a test
@@ -97,41 +98,78 @@ def evaluate(segmenter, split_file: Path, score_threshold: float | None = None, 
 
     Per kind: `n`, `miou` (mean IoU of the union masks, RoboRefIt's protocol: I / (U + 1e-12),
     0 for two empty masks), `ciou`, `map` (instance mAP, InstructSAM's protocol). Overall:
-    `n_acc` and `t_acc` (GRES: an empty prediction means "no target"), `multi_map` (instance
-    mAP over the instructions with two or more targets). `force_phrase` gives the
-    expression as the phrase (no generation), e.g. for an untrained model. `score_threshold`
-    None: the segmenter's own (EngineConfig's 0.5, or what its checkpoint's
-    engine_config.json sets).
+    `n_acc` and `t_acc` (GRES: an empty prediction means "no target"), `giou` (GRES's: the
+    mean per-instruction IoU with an empty answer to a no-target instruction scoring 1),
+    `multi_map` (instance mAP over the instructions with two or more targets).
+    `force_phrase` gives the expression as the phrase (no generation), e.g. for an
+    untrained model. `score_threshold` None: the segmenter's own (EngineConfig's 0.5, or
+    what its checkpoint's engine_config.json sets).
+    """
+    threshold = segmenter.config.score_threshold if score_threshold is None else float(score_threshold)
+    return evaluate_thresholds(segmenter, split_file, [threshold], limit, force_phrase, progress)[threshold]
+
+
+def evaluate_thresholds(segmenter, split_file: Path, thresholds, limit: int | None = None,
+                        force_phrase: bool = False, progress: bool = False) -> dict[float, dict]:
+    """`evaluate`'s metrics at each of several score thresholds, from one pass of the engine.
+
+    The engine runs once at the lowest threshold; the answer at a higher one is the
+    instances scoring above it. That is what the engine itself answers there: its mask NMS
+    is greedy by score, so an instance is only ever suppressed by a better-scoring one,
+    which a higher threshold keeps too. Returns {threshold: metrics}, as `evaluate`'s.
     """
     from tqdm import tqdm
 
     from instructsam_core.processing import load_rgb
-    from training.metrics import INSTRUCTSAM_IOU, InstanceAPAccumulator, SegmentationAccumulator
 
+    thresholds = sorted({float(t) for t in thresholds})
+    if not thresholds or not all(0.0 <= t <= 1.0 for t in thresholds):
+        raise ValueError(f"evaluate_thresholds needs score thresholds in [0, 1], got {thresholds}")
     split_file = Path(split_file)
     pairs = split_samples(split_file, limit)
-    seg_acc: dict[str, SegmentationAccumulator] = {}
-    ap_acc: dict[str, InstanceAPAccumulator] = {}
-    overall, multi = SegmentationAccumulator(INSTRUCTSAM_IOU), InstanceAPAccumulator()
+    tallies = {t: _KindTally() for t in thresholds}
     for sample, kind in tqdm(pairs, desc=f"eval {split_file.stem}", disable=not progress):
         gt = sample.load_gt()
         result = segmenter.segment_image(load_rgb(sample.image), sample.instruction, key=str(sample.image),
-                                         score_threshold=score_threshold,
+                                         score_threshold=thresholds[0],
                                          phrase=sample.text if force_phrase else None)
-        seg_acc.setdefault(kind, SegmentationAccumulator(INSTRUCTSAM_IOU)).add(result.union_mask(), gt.union)
-        overall.add(result.union_mask(), gt.union)
-        ap_acc.setdefault(kind, InstanceAPAccumulator()).add(result.masks, result.scores, gt.instances)
+        for t, tally in tallies.items():
+            keep = result.scores > t
+            tally.add(kind, result.masks[keep], result.scores[keep], gt)
+    return {t: tally.summary() for t, tally in tallies.items()}
+
+
+class _KindTally:
+    """The accumulators of `evaluate`'s metrics: per instruction kind, overall, and over
+    the instructions with two or more targets."""
+
+    def __init__(self) -> None:
+        self.seg_by_kind: dict[str, SegmentationAccumulator] = {}
+        self.ap_by_kind: dict[str, InstanceAPAccumulator] = {}
+        self.overall = SegmentationAccumulator(INSTRUCTSAM_IOU)
+        self.gres = SegmentationAccumulator(GRES_IOU)  # gIoU: two empty masks score 1
+        self.multi = InstanceAPAccumulator()
+
+    def add(self, kind: str, masks: np.ndarray, scores: np.ndarray, gt) -> None:
+        union = masks.any(axis=0) if len(masks) else np.zeros(gt.union.shape, dtype=bool)
+        self.seg_by_kind.setdefault(kind, SegmentationAccumulator(INSTRUCTSAM_IOU)).add(union, gt.union)
+        self.overall.add(union, gt.union)
+        self.gres.add(union, gt.union)
+        self.ap_by_kind.setdefault(kind, InstanceAPAccumulator()).add(masks, scores, gt.instances)
         if len(gt.instances) >= 2:
-            multi.add(result.masks, result.scores, gt.instances)
-    table = {}
-    for kind in INSTRUCTION_KINDS:
-        if kind not in seg_acc:
-            continue
-        s = seg_acc[kind].summary()
-        row = {"n": s["n"], "miou": s["mean_iou"], "ciou": s["ciou"]}
-        if kind != "no_target":
-            row["map"] = ap_acc[kind].compute()["mAP"]
-        table[kind] = row
-    s = overall.summary()
-    return {"kinds": table, "n": s["n"], "n_acc": s["n_acc"], "t_acc": s["t_acc"],
-            "multi_map": multi.compute()["mAP"] if len(multi) else float("nan")}
+            self.multi.add(masks, scores, gt.instances)
+
+    def summary(self) -> dict:
+        table = {}
+        for kind in INSTRUCTION_KINDS:
+            if kind not in self.seg_by_kind:
+                continue
+            s = self.seg_by_kind[kind].summary()
+            row = {"n": s["n"], "miou": s["mean_iou"], "ciou": s["ciou"]}
+            if kind != "no_target":
+                row["map"] = self.ap_by_kind[kind].compute()["mAP"]
+            table[kind] = row
+        s = self.overall.summary()
+        multi_map = self.multi.compute()["mAP"] if len(self.multi) else float("nan")
+        return {"kinds": table, "n": s["n"], "n_acc": s["n_acc"], "t_acc": s["t_acc"],
+                "giou": self.gres.summary()["mean_iou"], "multi_map": multi_map}

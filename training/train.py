@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from instructsam_core.build import BuiltModel, build_model, from_base_models, preset_tokenizer
 from instructsam_core.checkpoint import CheckpointError, save_checkpoint
-from instructsam_core.config import FUSION_NORM_SCOPES, preset
+from instructsam_core.config import FUSION_NORM_SCOPES, PHRASE_SOURCES, preset
 from instructsam_core.fileio import write_text_atomic
 from instructsam_core.model.instructsam import InstructSam
 from training import distributed
@@ -69,6 +69,8 @@ def check_head_options(cfg: ModelConfig) -> None:
     """Refuse head options that no start could take, before any weights are built."""
     if cfg.fusion_norm_scope is not None and cfg.fusion_norm_scope not in FUSION_NORM_SCOPES:
         raise ConfigError(f"model.fusion_norm_scope must be one of {FUSION_NORM_SCOPES}, got {cfg.fusion_norm_scope!r}")
+    if cfg.phrase_source is not None and cfg.phrase_source not in PHRASE_SOURCES:
+        raise ConfigError(f"model.phrase_source must be one of {PHRASE_SOURCES}, got {cfg.phrase_source!r}")
     if cfg.head_dropout is not None and not 0.0 <= cfg.head_dropout < 1.0:
         raise ConfigError(f"model.head_dropout must be in [0, 1), got {cfg.head_dropout}")
     if cfg.init != "preset" and cfg.init_weights != "transformers":
@@ -85,6 +87,8 @@ def apply_head_options(model: InstructSam, cfg: ModelConfig) -> None:
         config.fusion_output_norm = cfg.fusion_output_norm
     if cfg.fusion_norm_scope is not None:
         config.fusion_norm_scope = cfg.fusion_norm_scope
+    if cfg.phrase_source is not None:
+        config.phrase_source = cfg.phrase_source
     if cfg.head_dropout is not None:
         for part in ("detr_encoder_config", "detr_decoder_config"):
             config.sam3.setdefault(part, {})["dropout"] = cfg.head_dropout

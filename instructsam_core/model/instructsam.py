@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
@@ -267,12 +268,15 @@ class InstructSam(nn.Module):
     def phrase_prompt(self, phrase_ids: torch.Tensor, phrase_mask: torch.Tensor,
                       phrase_hidden: torch.Tensor | None = None) -> torch.Tensor:
         """`(P, T, D)` SAM3 prompt from phrase token ids `(P, T)` (or their LLM states `(P, T, H)`)."""
-        if self.config.phrase_source == "hidden_states":
-            if phrase_hidden is None:
-                raise ValueError("phrase_source 'hidden_states' needs the phrase's LLM hidden states")
+        source = self.config.phrase_source
+        if source != "token_embeddings" and phrase_hidden is None:
+            raise ValueError(f"phrase_source {source!r} needs the phrase's LLM hidden states")
+        if source == "hidden_states":
             features = phrase_hidden
         else:
             features = self.language_model.embed_tokens(phrase_ids)
+            if source == "hidden_states_and_embeddings":  # the word itself beside its context, at one scale
+                features = phrase_hidden + F.rms_norm(features, features.shape[-1:])
         prompt = self.text_hidden_fcs[0](features)
         return prompt * phrase_mask[..., None].to(prompt.dtype)
 

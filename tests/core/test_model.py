@@ -107,6 +107,27 @@ def test_phrase_source_switch_changes_the_prompt(tiny_tester):
     assert not torch.allclose(a.logits, b.logits)  # same weights (same seed), other prompt source
 
 
+def test_the_summed_phrase_source_adds_each_words_normalised_embedding_to_its_hidden_state():
+    from instructsam_core.testing import InstructSamModelTester
+
+    model, _ = InstructSamModelTester(phrase_source="hidden_states_and_embeddings").get_model()
+    hidden_model, _ = InstructSamModelTester(phrase_source="hidden_states").get_model()  # same seed, same weights
+    ids = torch.tensor([[5, 9, 11, 0], [7, 7, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    hidden = torch.randn(2, 4, model.config.vlm["text_config"]["hidden_size"])
+    with torch.no_grad():
+        got = model.phrase_prompt(ids, mask, hidden)
+        embed = model.language_model.embed_tokens(ids)
+        rms = embed.pow(2).mean(-1, keepdim=True).add(torch.finfo(embed.dtype).eps).sqrt()
+        by_hand = model.text_hidden_fcs[0](hidden + embed / rms) * mask[..., None]
+        hidden_only = hidden_model.phrase_prompt(ids, mask, hidden)
+    assert torch.allclose(got, by_hand, atol=1e-5)
+    assert not torch.allclose(got, hidden_only)  # the word's identity is added
+    assert (got[~mask] == 0).all()
+    with pytest.raises(ValueError, match="needs the phrase's LLM hidden states"):
+        model.phrase_prompt(ids, mask)
+
+
 def test_backward_reaches_queries_projections_and_sam3(tiny_tester):
     model, tok = tiny_tester.get_model()
     model.train()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from safetensors import safe_open
 
 from instructsam_core.build import DEFAULT_MODEL_DIR, build_model
@@ -89,3 +90,71 @@ def test_the_default_model_answers_a_plain_instruction_as_its_trained_question()
     plain, asked = seg.segment("the red object"), seg.segment(trained_instruction("the red object"))
     assert plain.status == "ok" and len(plain) == len(asked) > 0
     assert np.array_equal(plain.masks, asked.masks) and np.allclose(plain.scores, asked.scores)
+
+
+def test_one_pass_at_many_thresholds_is_what_the_engine_answers_at_each(tmp_path):
+    # The threshold sweep runs the engine once at the lowest threshold and keeps the
+    # instances above each higher one; that must be exactly what the engine answers there.
+    from instructsam_core.engine import Segmenter
+    from training.tabletop import evaluate, evaluate_thresholds, write_split
+
+    split = write_split(tmp_path, "heldout", range(1_000_000, 1_000_004), held_out=True)
+    seg = Segmenter.from_pretrained("default", device="cpu", dtype="float32")
+    thresholds = (0.003, 0.01, 0.05)
+    sweep = evaluate_thresholds(seg, split, thresholds)
+    assert sorted(sweep) == list(thresholds)
+    for t in thresholds:
+        assert sweep[t] == evaluate(seg, split, score_threshold=t), t
+    assert sweep[0.003]["t_acc"] >= sweep[0.05]["t_acc"] and sweep[0.003]["n_acc"] <= sweep[0.05]["n_acc"]
+    assert sweep[0.003]["t_acc"] > sweep[0.05]["t_acc"]  # the sweep spans a real trade-off
+    for scores in sweep.values():  # gIoU: target kinds' IoU and no-target answers scored 1 when empty
+        kinds = scores["kinds"]
+        by_hand = (sum(r["n"] * r["miou"] for k, r in kinds.items() if k != "no_target")
+                   + kinds["no_target"]["n"] * scores["n_acc"]) / scores["n"]
+        assert abs(scores["giou"] - by_hand) < 1e-9
+
+
+def test_the_threshold_is_the_validation_sweeps_best_giou_ties_to_the_higher():
+    from training.default_model import choose_threshold
+
+    def row(giou: float) -> dict:
+        return {"giou": giou, "n_acc": 0.5, "t_acc": 0.5}
+
+    assert choose_threshold({0.005: row(0.30), 0.01: row(0.35), 0.02: row(0.33)}) == 0.01
+    assert choose_threshold({0.005: row(0.35), 0.01: row(0.35), 0.02: row(0.33)}) == 0.01
+    with pytest.raises(ValueError, match="at least one"):
+        choose_threshold({})
+
+
+def test_the_shipped_threshold_is_its_validation_choice_and_the_card_shows_the_sweep():
+    from training.default_model import THRESHOLD_GRID, choose_threshold
+    from training.model_card import threshold_table
+
+    record = json.loads(SCORES.read_text())
+    engine = json.loads((DEFAULT_MODEL_DIR / "engine_config.json").read_text())
+    sweep = record["threshold"]
+    assert [float(t) for t in sweep["val_all"]] == list(THRESHOLD_GRID) == [float(t) for t in sweep["heldout"]]
+    assert engine["score_threshold"] == sweep["chosen"] == choose_threshold(
+        {float(t): row for t, row in sweep["val_all"].items()})
+    assert record["heldout"]["n_acc"] == sweep["heldout"][str(sweep["chosen"])]["n_acc"]
+    assert threshold_table(sweep) in (DEFAULT_MODEL_DIR / "MODEL_CARD.md").read_text()
+
+
+def test_data_splits_are_written_once_and_a_changed_split_alone_again(tmp_path):
+    from training.default_model import Plan, write_data
+
+    plan = Plan(stage1_scenes=3, stage2_scenes=3, stage1_steps=1, stage2_steps=1, heldout_scenes=2, val_scenes=2)
+    paths = write_data(tmp_path, plan)
+    assert set(paths) == {"stage1", "stage2", "val", "val_all", "heldout", "heldout_ci"}
+    assert {k for r in json.loads(paths["val"].read_text()) for k in r["kinds"]} <= {
+        "category", "colour", "attribute", "no_target"}
+    assert len({k for r in json.loads(paths["val_all"].read_text()) for k in r["kinds"]}) > 4  # every kind
+    stamps = {name: p.stat().st_mtime_ns for name, p in paths.items()}
+    assert write_data(tmp_path, plan) == paths
+    assert {name: p.stat().st_mtime_ns for name, p in paths.items()} == stamps  # nothing rewritten
+    bigger = Plan(**{**plan.__dict__, "val_scenes": 3})
+    write_data(tmp_path, bigger)
+    rewritten = {name for name, p in paths.items() if p.stat().st_mtime_ns != stamps[name]}
+    assert rewritten == {"val", "val_all"}
+    assert len(json.loads(paths["val_all"].read_text())) == 3
+    assert json.loads((tmp_path / "manifest.json").read_text())["val"] == {"first_seed": 500_000, "scenes": 3}

@@ -89,9 +89,11 @@ def test_head_options_warm_start_a_trained_checkpoint_and_reach_its_next_checkpo
     trained = build_model("tiny", device="cpu", seed=4)
     save_checkpoint(trained.model, trained.tokenizer, tmp_path / "trained")
     start = ModelConfig(init="checkpoint", checkpoint=str(tmp_path / "trained"), fusion_output_norm=True,
-                        head_dropout=0.0, box_prior=8.0)
+                        head_dropout=0.0, box_prior=8.0, phrase_source="hidden_states_and_embeddings")
     warm = build_start_model(start).model
     assert warm.config.fusion_output_norm and max(_dropouts(warm)) == 0.0
+    assert trained.model.config.phrase_source == "token_embeddings"
+    assert warm.config.phrase_source == "hidden_states_and_embeddings"
     refs = warm.grounding_model.detr_decoder.reference_points.weight.detach().sigmoid()
     assert float(refs[:, 0].std()) > 0.1  # the slots' boxes spread over the image
     before = dict(trained.model.named_parameters())
@@ -101,9 +103,11 @@ def test_head_options_warm_start_a_trained_checkpoint_and_reach_its_next_checkpo
     save_checkpoint(warm, build_model("tiny", device="cpu").tokenizer, tmp_path / "warm")
     again = build_model(tmp_path / "warm", device="cpu").model
     assert again.config.fusion_output_norm and max(_dropouts(again)) == 0.0
+    assert again.config.phrase_source == "hidden_states_and_embeddings"
     # Unset, every option keeps the checkpoint's own.
     kept = build_start_model(ModelConfig(init="checkpoint", checkpoint=str(tmp_path / "warm"))).model
     assert kept.config.fusion_output_norm and max(_dropouts(kept)) == 0.0
+    assert kept.config.phrase_source == "hidden_states_and_embeddings"
     assert max(_dropouts(build_start_model(ModelConfig(init="checkpoint",
                                                        checkpoint=str(tmp_path / "trained"))).model)) == 0.1
 
@@ -113,6 +117,8 @@ def test_bad_preset_options_are_config_errors():
         build_start_model(ModelConfig(init="preset", preset="tiny", head_dropout=1.5))
     with pytest.raises(ConfigError, match="fusion_norm_scope must be one of"):
         build_start_model(ModelConfig(init="preset", preset="tiny", fusion_norm_scope="pixels"))
+    with pytest.raises(ConfigError, match="phrase_source must be one of"):
+        build_start_model(ModelConfig(init="preset", preset="tiny", phrase_source="pixels"))
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         build_start_model(ModelConfig(init="preset", preset="huge"))
     with pytest.raises(ConfigError, match="applies to model.init 'preset' only"):
