@@ -15,13 +15,13 @@ prints one row per named colour and writes `--json` if given.
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from instructsam_core.sample_images import COLOURS, Scene
+from training.split_report_cli import run_split_report
 
 TABLE = "table"  # pixels on no object
 
@@ -81,26 +81,7 @@ def format_report(report: dict, top: int = 4) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.colour_confusion", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="checkpoint directory (or 'default')")
-    p.add_argument("split", type=Path, help="a split written by training.tabletop (e.g. heldout.json)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N instructions (of every kind)")
-    p.add_argument("--json", type=Path, default=None, help="also write the report here")
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    if not args.split.is_file():
-        p.error(f"{args.split} not found: give a split written by training.tabletop "
-                "(python -m training.default_model writes them under <out>/full/data/)")
-    from instructsam_core.engine import Segmenter
-    from training.eval.summary import write_json_atomic
-
-    segmenter = Segmenter.from_pretrained(args.model, device=args.device, dtype="float32")
-    report = colour_confusion(segmenter, args.split, limit=args.limit, progress=True)
-    print(format_report(report))
-    if args.json:
-        write_json_atomic(args.json, report)
-    return 0
+    return run_split_report(argv, "python -m training.colour_confusion", __doc__, colour_confusion, format_report)
 
 
 if __name__ == "__main__":

@@ -202,14 +202,15 @@ def score(model_dir: Path, data: dict[str, Path], record: dict) -> dict:
     from training.model_card import write_model_card
 
     start = time.perf_counter()
-    val_sweep = tabletop.evaluate_thresholds(_segmenter(model_dir, **ENGINE_DEFAULTS), data["val_all"],
-                                             THRESHOLD_GRID, progress=True)
+    # Every threshold is given explicitly, so one segmenter with the shipped settings
+    # serves both sweeps; the CI subset below runs through the written engine_config.json.
+    segmenter = _segmenter(model_dir, **ENGINE_DEFAULTS)
+    val_sweep = tabletop.evaluate_thresholds(segmenter, data["val_all"], THRESHOLD_GRID, progress=True)
     threshold = choose_threshold(val_sweep)
     log.info("score threshold %g: the best gIoU on %s", threshold, data["val_all"].name)
     write_text_atomic(model_dir / ENGINE_CONFIG_NAME,
                       json.dumps({**ENGINE_DEFAULTS, "score_threshold": threshold}, indent=1))
-    heldout_sweep = tabletop.evaluate_thresholds(_segmenter(model_dir), data["heldout"], THRESHOLD_GRID,
-                                                 progress=True)
+    heldout_sweep = tabletop.evaluate_thresholds(segmenter, data["heldout"], THRESHOLD_GRID, progress=True)
     scores = {"threshold": {"chosen": threshold, "rule": "best gIoU on val_all",
                             "val_all": {str(t): _accuracy_row(v) for t, v in val_sweep.items()},
                             "heldout": {str(t): _accuracy_row(v) for t, v in heldout_sweep.items()}},

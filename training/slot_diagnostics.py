@@ -23,7 +23,6 @@ has nothing to measure, e.g. no target).
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from training.metrics import pairwise_mask_iou
+from training.split_report_cli import run_split_report
 
 ON_TARGET_SHARE = 0.5  # a kept mask with at least this share of its pixels inside the target union
 
@@ -133,26 +133,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.slot_diagnostics", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="checkpoint directory (or 'default')")
-    p.add_argument("split", type=Path, help="a split written by training.tabletop (e.g. heldout.json)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N instructions")
-    p.add_argument("--json", type=Path, default=None, help="also write the report here")
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    if not args.split.is_file():
-        p.error(f"{args.split} not found: give a split written by training.tabletop "
-                "(python -m training.default_model writes them under <out>/full/data/)")
-    from instructsam_core.engine import Segmenter
-    from training.eval.summary import write_json_atomic
-
-    segmenter = Segmenter.from_pretrained(args.model, device=args.device, dtype="float32")
-    report = slot_report(segmenter, args.split, limit=args.limit, progress=True)
-    print(format_report(report))
-    if args.json:
-        write_json_atomic(args.json, report)  # NaN (nothing to measure) as null
-    return 0
+    return run_split_report(argv, "python -m training.slot_diagnostics", __doc__, slot_report, format_report)
 
 
 if __name__ == "__main__":
