@@ -120,6 +120,10 @@ class ModelConfig:
     # small beside what the attentions return, and dropout noise on those outputs is
     # what tells the slots apart in training, never at inference (docs/training.md).
     head_dropout: float | None = None
+    # The fusion encoder's depth (SAM3's detr_encoder_config.num_layers; preset only, an
+    # architecture change: None keeps the preset's, 2 in `small`). A checkpoint start keeps
+    # the depth it was trained with.
+    fusion_layers: int | None = None
     # LoRA on the LLM's attention projections (the release: r 64, alpha 16, dropout 0.05).
     lora_r: int = 64
     lora_alpha: int = 16

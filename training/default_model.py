@@ -248,6 +248,14 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {threads} torch thread{'s' * (threads != 1)}, no GPU used"
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command that trained a model, for its card: the make target for the shipped recipe."""
+    if not args.stage1_overrides:
+        return "make train-default" + (" (--pilot)" if args.pilot else "")
+    return ("python -m training.default_model" + " --pilot" * args.pilot
+            + "".join(f" --set {o}" for o in args.stage1_overrides))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m training.default_model", description=__doc__,
@@ -259,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="no training: evaluate this exported model again with ENGINE_DEFAULTS and rewrite its "
                         "engine_config.json, scores.json and model card (after a change of engine settings)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="stage1_overrides",
+                   help="a config override for stage 1 (repeatable; e.g. model.fusion_layers=4): an experiment, "
+                        "not the shipped recipe; stage 2 keeps the architecture and head options stage 1 saved")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -279,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stage1 = run_stage("small_stage1.yaml", out / "stage1",
                        [f"data.train=[{{kind: grefcoco, path: {data['stage1']}}}]", f"loop.max_steps={plan.stage1_steps}",
-                        *common])
+                        *common, *args.stage1_overrides])
     times["stage1"] = training_seconds(out / "stage1")
     stage2 = run_stage("small_stage2.yaml", out / "stage2",
                        [f"model.checkpoint={stage1}", f"data.train=[{{kind: grefcoco, path: {data['stage2']}}}]",
@@ -292,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_curves([out / "stage1" / "metrics.jsonl", out / "stage2" / "metrics.jsonl"], shipped / "curves.png")
     record = score(shipped, data, {"plan": plan.__dict__, "seeds": SEEDS, "ci_scenes": CI_SCENES, "times_s": times,
                                    "machine": machine(),
-                                   "command": "make train-default" + (" (--pilot)" if args.pilot else "")})
+                                   "command": _command(args)})
     print(json.dumps({"model": str(shipped), "times_s": record["times_s"], "heldout": record["heldout"]}, indent=1))
     if args.ship:
         with atomic_directory(args.ship) as tmp:

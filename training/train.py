@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from instructsam_core.build import BuiltModel, build_model, from_base_models, preset_tokenizer
 from instructsam_core.checkpoint import CheckpointError, save_checkpoint
-from instructsam_core.config import FUSION_NORM_SCOPES, PHRASE_SOURCES, preset
+from instructsam_core.config import FUSION_NORM_SCOPES, PHRASE_SOURCES, InstructSamConfig, preset
 from instructsam_core.fileio import write_text_atomic
 from instructsam_core.model.instructsam import InstructSam
 from training import distributed
@@ -73,6 +73,12 @@ def check_head_options(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.phrase_source must be one of {PHRASE_SOURCES}, got {cfg.phrase_source!r}")
     if cfg.head_dropout is not None and not 0.0 <= cfg.head_dropout < 1.0:
         raise ConfigError(f"model.head_dropout must be in [0, 1), got {cfg.head_dropout}")
+    if cfg.fusion_layers is not None:
+        if cfg.init != "preset":
+            raise ConfigError(f"model.fusion_layers changes the architecture: it applies to model.init 'preset' "
+                              f"only, not {cfg.init!r} (a checkpoint keeps its own depth)")
+        if cfg.fusion_layers < 1:
+            raise ConfigError(f"model.fusion_layers must be at least 1, got {cfg.fusion_layers}")
     if cfg.init != "preset" and cfg.init_weights != "transformers":
         raise ConfigError(f"model.init_weights {cfg.init_weights!r} redraws random weights: it applies to "
                           f"model.init 'preset' only, not {cfg.init!r}")
@@ -101,6 +107,18 @@ def apply_head_options(model: InstructSam, cfg: ModelConfig) -> None:
         box_attention_prior(model, cfg.box_prior)
 
 
+def preset_architecture(cfg: ModelConfig) -> InstructSamConfig:
+    """The configuration of `cfg.preset` with the architecture options of `cfg` applied
+    (`fusion_layers`)."""
+    try:
+        config = preset(cfg.preset)
+    except ValueError as err:
+        raise ConfigError(f"model.preset: {err}") from None
+    if cfg.fusion_layers is not None:
+        config.sam3.setdefault("detr_encoder_config", {})["num_layers"] = cfg.fusion_layers
+    return config
+
+
 def build_start_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> BuiltModel:
     """The weights a stage starts from (float32; the loop autocasts on GPUs), with the
     head options of `cfg` applied."""
@@ -118,10 +136,7 @@ def build_start_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> B
     elif cfg.init == "preset":
         if cfg.init_weights not in INIT_SCHEMES:
             raise ConfigError(f"model.init_weights must be one of {INIT_SCHEMES}, got {cfg.init_weights!r}")
-        try:
-            config = preset(cfg.preset)
-        except ValueError as err:
-            raise ConfigError(f"model.preset: {err}") from None
+        config = preset_architecture(cfg)
         built = build_model(config, device=device, dtype="float32", seed=cfg.seed,
                             tokenizer=preset_tokenizer(cfg.preset))
         if cfg.init_weights == "fan_in":
@@ -630,7 +645,9 @@ def parameter_counts(cfg: TrainConfig) -> dict[str, int]:
     from instructsam_core.processing import load_tokenizer
 
     m = cfg.model
-    config = base_architecture(m.init, m.preset, m.qwen, m.sam3, m.checkpoint)
+    check_head_options(m)
+    config = (preset_architecture(m) if m.init == "preset"
+              else base_architecture(m.init, m.preset, m.qwen, m.sam3, m.checkpoint))
     tokenizer = (preset_tokenizer(m.preset) if m.init == "preset"
                  else load_tokenizer(m.checkpoint) if m.init == "checkpoint" else None)
     model = build_model(config, device="meta", tokenizer=tokenizer).model

@@ -158,3 +158,13 @@ def test_data_splits_are_written_once_and_a_changed_split_alone_again(tmp_path):
     assert rewritten == {"val", "val_all"}
     assert len(json.loads(paths["val_all"].read_text())) == 3
     assert json.loads((tmp_path / "manifest.json").read_text())["val"] == {"first_seed": 500_000, "scenes": 3}
+
+
+def test_an_experiments_card_names_its_overrides_not_the_shipped_make_target():
+    import argparse
+
+    from training.default_model import _command
+
+    assert _command(argparse.Namespace(pilot=False, stage1_overrides=[])) == "make train-default"
+    assert _command(argparse.Namespace(pilot=True, stage1_overrides=["model.fusion_layers=4"])) == (
+        "python -m training.default_model --pilot --set model.fusion_layers=4")

@@ -123,3 +123,27 @@ def test_bad_preset_options_are_config_errors():
         build_start_model(ModelConfig(init="preset", preset="huge"))
     with pytest.raises(ConfigError, match="applies to model.init 'preset' only"):
         build_start_model(ModelConfig(init="checkpoint", checkpoint="anywhere", init_weights="fan_in"))
+
+
+def test_fusion_layers_deepen_the_presets_fusion_encoder_and_its_checkpoints_keep_the_depth(tmp_path):
+    from training.config import TrainConfig
+    from training.train import parameter_counts
+
+    plain = build_start_model(ModelConfig(init="preset", preset="tiny", seed=1))
+    deep = build_start_model(ModelConfig(init="preset", preset="tiny", seed=1, fusion_layers=3))
+    assert len(deep.model.grounding_model.detr_encoder.layers) == 3
+    assert len(plain.model.grounding_model.detr_encoder.layers) != 3
+    added = sum(p.numel() for p in deep.model.parameters()) - sum(p.numel() for p in plain.model.parameters())
+    per_layer = sum(p.numel() for p in plain.model.grounding_model.detr_encoder.layers[0].parameters())
+    assert added == per_layer * (3 - len(plain.model.grounding_model.detr_encoder.layers))
+    # Counted on the meta device as built: the training log's parameter table is the run's.
+    counted = parameter_counts(TrainConfig(model=ModelConfig(init="preset", preset="tiny", fusion_layers=3)))
+    baseline = parameter_counts(TrainConfig(model=ModelConfig(init="preset", preset="tiny")))
+    assert counted["mask_decoder"] - baseline["mask_decoder"] == added
+    save_checkpoint(deep.model, deep.tokenizer, tmp_path / "deep")
+    again = build_start_model(ModelConfig(init="checkpoint", checkpoint=str(tmp_path / "deep"))).model
+    assert len(again.grounding_model.detr_encoder.layers) == 3
+    with pytest.raises(ConfigError, match="fusion_layers changes the architecture"):
+        build_start_model(ModelConfig(init="checkpoint", checkpoint=str(tmp_path / "deep"), fusion_layers=2))
+    with pytest.raises(ConfigError, match="fusion_layers must be at least 1"):
+        build_start_model(ModelConfig(init="preset", preset="tiny", fusion_layers=0))
