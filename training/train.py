@@ -66,7 +66,8 @@ HEAD_DROPOUT_PARTS = ("detr_encoder", "detr_decoder", "dot_product_scoring")
 
 
 def check_head_options(cfg: ModelConfig) -> None:
-    """Refuse head options that no start could take, before any weights are built."""
+    """Refuse model options (the head options, `fusion_layers`) that the start cannot
+    take, before any weights are built."""
     if cfg.fusion_norm_scope is not None and cfg.fusion_norm_scope not in FUSION_NORM_SCOPES:
         raise ConfigError(f"model.fusion_norm_scope must be one of {FUSION_NORM_SCOPES}, got {cfg.fusion_norm_scope!r}")
     if cfg.phrase_source is not None and cfg.phrase_source not in PHRASE_SOURCES:
