@@ -49,8 +49,8 @@ _INSTRUCTSAM_FIELDS = ("max_seg_nums", "seg_token_index", "out_dim", "seg_encode
                        "mask_decoder_model", "sam3_config", "instructsam", "ref_start_token_index",
                        "ref_end_token_index", "seg_start_token_index", "seg_end_token_index")
 _INFERENCE_FIELDS = ("phrase_source", "max_phrase_tokens", "use_presence", "fusion_output_norm",
-                     "fusion_norm_scope", "generation_compat", "sam_image_size", "vlm_min_pixels",
-                     "vlm_max_pixels")
+                     "fusion_norm_scope", "fusion_image_skip", "generation_compat", "sam_image_size",
+                     "vlm_min_pixels", "vlm_max_pixels")
 _SHARD_BYTES = 2 * 1024**3
 
 

@@ -92,9 +92,9 @@ class ModelConfig:
     initialised or trained; see `training.initialization.box_attention_prior`).
 
     The head options (`box_prior`, `fusion_output_norm`, `fusion_norm_scope`,
-    `head_dropout`, `phrase_source`) apply to every start: to a preset's random weights, or to a trained
-    checkpoint's (a warm start, e.g. the slot recipe from the shipped model; unset, the
-    checkpoint keeps its own).
+    `fusion_image_skip`, `head_dropout`, `phrase_source`) apply to every start: to a
+    preset's random weights, or to a trained checkpoint's (a warm start, e.g. the slot
+    recipe from the shipped model; unset, the checkpoint keeps its own).
     """
 
     init: str = "base"
@@ -115,6 +115,9 @@ class ModelConfig:
     # `InstructSamConfig.fusion_norm_scope` ("all", or "decoder": the mask decoder reads the
     # encoder's own image tokens, at their own scale; None: the start's own).
     fusion_norm_scope: str | None = None
+    # `InstructSamConfig.fusion_image_skip` (the decoders read the fusion encoder's image
+    # tokens plus its input; None: the start's own).
+    fusion_image_skip: bool | None = None
     # The dropout of SAM3's fusion encoder, DETR decoder and scoring MLP (None: the start's
     # own; Sam3Config's 0.1 in the presets). Training from scratch, the slots' own content is
     # small beside what the attentions return, and dropout noise on those outputs is

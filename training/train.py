@@ -94,6 +94,8 @@ def apply_head_options(model: InstructSam, cfg: ModelConfig) -> None:
         config.fusion_output_norm = cfg.fusion_output_norm
     if cfg.fusion_norm_scope is not None:
         config.fusion_norm_scope = cfg.fusion_norm_scope
+    if cfg.fusion_image_skip is not None:
+        config.fusion_image_skip = cfg.fusion_image_skip
     if cfg.phrase_source is not None:
         config.phrase_source = cfg.phrase_source
     if cfg.head_dropout is not None:

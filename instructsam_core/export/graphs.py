@@ -135,6 +135,7 @@ class HeadGraph(nn.Module):
         self.use_presence = model.config.use_presence
         self.fusion_output_norm = model.config.fusion_output_norm
         self.fusion_norm_scope = model.config.fusion_norm_scope
+        self.fusion_image_skip = model.config.fusion_image_skip
         # SAM3's position encodings depend on the feature map's size alone: computed once
         # here, they are constants of the graph rather than inputs. The head reads only the
         # coarsest level it keeps.
@@ -152,7 +153,7 @@ class HeadGraph(nn.Module):
         # None holds the slots of what the graph never computes.
         head = run_head(self.sam3, fpn + (None,), (None,) * (len(fpn) - 1) + (pos, None), prompt, prompt_mask,
                         self.projector(query_states), self.use_presence, fusion_output_norm=self.fusion_output_norm,
-                        fusion_norm_scope=self.fusion_norm_scope)
+                        fusion_norm_scope=self.fusion_norm_scope, fusion_image_skip=self.fusion_image_skip)
         outputs = (head.mask_logits, head.logits, head.boxes)
         return outputs + (head.presence_logits,) if self.use_presence else outputs
 

@@ -287,7 +287,8 @@ class InstructSam(nn.Module):
         queries = self.mask_hidden_fcs[0](query_states)
         return run_head(self.grounding_model, sam_features.fpn_hidden_states, sam_features.fpn_position_encoding,
                         prompt, prompt_mask, queries, self.config.use_presence, reference_boxes,
-                        self.config.fusion_output_norm, self.config.fusion_norm_scope)
+                        self.config.fusion_output_norm, self.config.fusion_norm_scope,
+                        self.config.fusion_image_skip)
 
     def block_head_inputs(self, input_ids: torch.Tensor, hidden: torch.Tensor,
                           blocks: PhraseBlocks) -> tuple[torch.Tensor, torch.Tensor]:

@@ -162,6 +162,7 @@ def run_head(
     reference_boxes: torch.Tensor | None = None,
     fusion_output_norm: bool = False,
     fusion_norm_scope: str = "all",
+    fusion_image_skip: bool = False,
 ) -> HeadOutput:
     """SAM3 from image features to per-slot masks, with external prompt and queries.
 
@@ -179,12 +180,17 @@ def run_head(
             before anything reads them (`InstructSamConfig.fusion_output_norm`).
         fusion_norm_scope: "all", or "decoder" for the mask decoder to read the encoder's
             own image tokens (`InstructSamConfig.fusion_norm_scope`).
+        fusion_image_skip: add the fusion encoder's input image tokens to its output before
+            the decoders read them (`InstructSamConfig.fusion_image_skip`).
     """
     fpn = fpn_hidden_states[:-1]
     fpn_pos = fpn_position_encoding[:-1]
     encoded = sam3.detr_encoder(vision_features=[fpn[-1]], text_features=prompt,
                                 vision_pos_embeds=[fpn_pos[-1]], text_mask=prompt_mask)
     image_tokens, prompt_tokens = encoded.last_hidden_state, encoded.text_features
+    if fusion_image_skip:
+        # The encoder flattens its image level as (B, h*w, D), in this order.
+        image_tokens = image_tokens + fpn[-1].flatten(2).transpose(1, 2)
     mask_decoder_tokens = image_tokens
     if fusion_output_norm:
         image_tokens = F.layer_norm(image_tokens, image_tokens.shape[-1:])

@@ -185,13 +185,15 @@ def test_a_model_with_the_presence_token_exports_its_presence_logits(tmp_path):
     assert report.passed and {r.output for r in report.rows} >= {"presence_logits"}, report.table()
 
 
-def test_a_model_with_the_fusion_output_norm_keeps_it_in_its_checkpoint_and_its_graphs(tmp_path):
+def test_a_model_with_the_fusion_options_keeps_them_in_its_checkpoint_and_its_graphs(tmp_path):
     from instructsam_core.build import build_model
     from instructsam_core.testing import make_tiny_checkpoint
 
-    path = make_tiny_checkpoint(tmp_path / "normed", fusion_output_norm=True, fusion_norm_scope="decoder")
+    path = make_tiny_checkpoint(tmp_path / "normed", fusion_output_norm=True, fusion_norm_scope="decoder",
+                                fusion_image_skip=True)
     model = build_model(path, device="cpu").model
     assert model.config.fusion_output_norm and model.config.fusion_norm_scope == "decoder"
+    assert model.config.fusion_image_skip
     manifest = export_onnx(model, tmp_path / "onnx", parts=[HEAD])
     # The parity cases run the eager head (which applies the norm): a graph without it fails.
     report = check_parity(OnnxRuntimeRunner(tmp_path / "onnx"), parity_cases(model, manifest))
@@ -202,6 +204,9 @@ def test_a_model_with_the_fusion_output_norm_keeps_it_in_its_checkpoint_and_its_
     every_part = copy.deepcopy(model)  # the norm's scope is in the graph too
     every_part.config.fusion_norm_scope = "all"
     assert not check_parity(OnnxRuntimeRunner(tmp_path / "onnx"), parity_cases(every_part, manifest)).passed
+    no_skip = copy.deepcopy(model)  # and the image skip
+    no_skip.config.fusion_image_skip = False
+    assert not check_parity(OnnxRuntimeRunner(tmp_path / "onnx"), parity_cases(no_skip, manifest)).passed
 
 
 def test_bad_export_requests_are_clear_errors(exported, tiny_model, tmp_path):

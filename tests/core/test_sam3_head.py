@@ -157,3 +157,34 @@ def test_the_decoder_scope_leaves_the_mask_decoder_the_encoders_own_tokens():
     assert abs(float(plain_seen["image"].std()) - 1.0) > 0.5
     with pytest.raises(ValueError, match="fusion_norm_scope must be one of"):
         InstructSamConfig(fusion_norm_scope="pixels")
+
+
+def test_the_fusion_image_skip_gives_both_decoders_the_encoders_input_beside_its_output():
+    sam3, vision, prompt, mask = _tiny_head_and_features()
+    seen = {}
+    handle = sam3.mask_decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.__setitem__("mask_decoder", kwargs["encoder_hidden_states"].detach()),
+        with_kwargs=True)
+    queries = torch.randn(2, 4, 32)
+    level = vision.fpn_hidden_states[-2]  # the level the fusion encoder reads (run_head drops the last)
+    try:
+        with torch.no_grad():
+            encoded = sam3.detr_encoder(vision_features=[level], text_features=prompt,
+                                        vision_pos_embeds=[vision.fpn_position_encoding[-2]], text_mask=mask)
+
+            def run(skip):
+                return lambda: run_head(sam3, vision.fpn_hidden_states, vision.fpn_position_encoding, prompt,
+                                        mask, queries, False, fusion_image_skip=skip)
+
+            plain, plain_seen = _values_read_by_the_first_decoder_layer(sam3, run(False))
+            plain_mask_decoder = seen["mask_decoder"]
+            skipped, skip_seen = _values_read_by_the_first_decoder_layer(sam3, run(True))
+    finally:
+        handle.remove()
+    expected = encoded.last_hidden_state + level.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(plain_seen["image"], encoded.last_hidden_state)
+    torch.testing.assert_close(plain_mask_decoder, encoded.last_hidden_state)
+    torch.testing.assert_close(skip_seen["image"], expected)  # the DETR decoder ...
+    torch.testing.assert_close(seen["mask_decoder"], expected)  # ... and the mask decoder
+    torch.testing.assert_close(skip_seen["prompt"], plain_seen["prompt"])  # the prompt tokens as before
+    assert not torch.allclose(plain.mask_logits, skipped.mask_logits)

@@ -89,9 +89,11 @@ def test_head_options_warm_start_a_trained_checkpoint_and_reach_its_next_checkpo
     trained = build_model("tiny", device="cpu", seed=4)
     save_checkpoint(trained.model, trained.tokenizer, tmp_path / "trained")
     start = ModelConfig(init="checkpoint", checkpoint=str(tmp_path / "trained"), fusion_output_norm=True,
-                        head_dropout=0.0, box_prior=8.0, phrase_source="hidden_states_and_embeddings")
+                        head_dropout=0.0, box_prior=8.0, phrase_source="hidden_states_and_embeddings",
+                        fusion_image_skip=True)
     warm = build_start_model(start).model
     assert warm.config.fusion_output_norm and max(_dropouts(warm)) == 0.0
+    assert warm.config.fusion_image_skip and not trained.model.config.fusion_image_skip
     assert trained.model.config.phrase_source == "token_embeddings"
     assert warm.config.phrase_source == "hidden_states_and_embeddings"
     refs = warm.grounding_model.detr_decoder.reference_points.weight.detach().sigmoid()
@@ -103,11 +105,11 @@ def test_head_options_warm_start_a_trained_checkpoint_and_reach_its_next_checkpo
     save_checkpoint(warm, build_model("tiny", device="cpu").tokenizer, tmp_path / "warm")
     again = build_model(tmp_path / "warm", device="cpu").model
     assert again.config.fusion_output_norm and max(_dropouts(again)) == 0.0
-    assert again.config.phrase_source == "hidden_states_and_embeddings"
+    assert again.config.phrase_source == "hidden_states_and_embeddings" and again.config.fusion_image_skip
     # Unset, every option keeps the checkpoint's own.
     kept = build_start_model(ModelConfig(init="checkpoint", checkpoint=str(tmp_path / "warm"))).model
     assert kept.config.fusion_output_norm and max(_dropouts(kept)) == 0.0
-    assert kept.config.phrase_source == "hidden_states_and_embeddings"
+    assert kept.config.phrase_source == "hidden_states_and_embeddings" and kept.config.fusion_image_skip
     assert max(_dropouts(build_start_model(ModelConfig(init="checkpoint",
                                                        checkpoint=str(tmp_path / "trained"))).model)) == 0.1
 
