@@ -126,12 +126,18 @@ def test_fusion_output_norm_feeds_the_decoder_unit_scale_tokens():
     assert normed.layer_states.shape == (2, len(sam3.detr_decoder.layers), 4, 32)
 
 
+def _keep_mask_decoder_tokens(sam3, seen: dict, key: str):
+    """Keep the image tokens the mask decoder reads in `seen[key]` (each call overwrites
+    them); the hook's handle, to remove."""
+    return sam3.mask_decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.__setitem__(key, kwargs["encoder_hidden_states"].detach()),
+        with_kwargs=True)
+
+
 def test_the_decoder_scope_leaves_the_mask_decoder_the_encoders_own_tokens():
     sam3, vision, prompt, mask = _tiny_head_and_features()
     seen = {}
-    handle = sam3.mask_decoder.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.__setitem__("tokens", kwargs["encoder_hidden_states"].detach()),
-        with_kwargs=True)
+    handle = _keep_mask_decoder_tokens(sam3, seen, "tokens")
     queries = torch.randn(2, 4, 32)
     try:
         with torch.no_grad():
@@ -162,9 +168,7 @@ def test_the_decoder_scope_leaves_the_mask_decoder_the_encoders_own_tokens():
 def test_the_fusion_image_skip_gives_both_decoders_the_encoders_input_beside_its_output():
     sam3, vision, prompt, mask = _tiny_head_and_features()
     seen = {}
-    handle = sam3.mask_decoder.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.__setitem__("mask_decoder", kwargs["encoder_hidden_states"].detach()),
-        with_kwargs=True)
+    handle = _keep_mask_decoder_tokens(sam3, seen, "mask_decoder")
     queries = torch.randn(2, 4, 32)
     level = vision.fpn_hidden_states[-2]  # the level the fusion encoder reads (run_head drops the last)
     try:
