@@ -73,10 +73,11 @@ class InstructSamConfig:
     fusion_norm_scope: str = "all"
     # False: as SAM3 (the DETR decoder and the mask decoder read the fusion encoder's image
     # tokens). True: they read those plus the image tokens the encoder started from (its
-    # FPN level), before `fusion_output_norm`. Trained from scratch, the encoder's
-    # prompt-conditioned updates swamp its input and the fine colour is lost there
-    # (docs/training.md, "A tenth round"); the second copy keeps it within the decoders'
-    # reach. No parameters: a checkpoint trained with it must run with it.
+    # FPN level), before `fusion_output_norm`. Trained from scratch, the probes find the
+    # fine colour lost in the encoder's output though its input holds it (docs/training.md,
+    # "A tenth round"); the second copy keeps it within the decoders' reach (whether that
+    # mends the colour match is not yet measured). No parameters: a checkpoint trained with
+    # it must run with it.
     fusion_image_skip: bool = False
     # How cached generation lays out positions and the query block's mask:
     # "release": as the released inference code (1-D positions 0..L-1 for the whole prompt,
