@@ -127,6 +127,11 @@ class ModelConfig:
     # architecture change: None keeps the preset's, 2 in `small`). A checkpoint start keeps
     # the depth it was trained with.
     fusion_layers: int | None = None
+    # The fusion encoder's width: the feed-forward size of each of its layers (SAM3's
+    # detr_encoder_config.intermediate_size; preset only, an architecture change: None keeps
+    # the preset's, 128 in `small`). Wider, not deeper: the tenth round's four layers
+    # learned worse in the plan's budget.
+    fusion_ffn: int | None = None
     # LoRA on the LLM's attention projections (the release: r 64, alpha 16, dropout 0.05).
     lora_r: int = 64
     lora_alpha: int = 16

@@ -66,20 +66,22 @@ HEAD_DROPOUT_PARTS = ("detr_encoder", "detr_decoder", "dot_product_scoring")
 
 
 def check_head_options(cfg: ModelConfig) -> None:
-    """Refuse model options (the head options, `fusion_layers`) that the start cannot
-    take, before any weights are built."""
+    """Refuse model options (the head options, the architecture options) that the start
+    cannot take, before any weights are built."""
     if cfg.fusion_norm_scope is not None and cfg.fusion_norm_scope not in FUSION_NORM_SCOPES:
         raise ConfigError(f"model.fusion_norm_scope must be one of {FUSION_NORM_SCOPES}, got {cfg.fusion_norm_scope!r}")
     if cfg.phrase_source is not None and cfg.phrase_source not in PHRASE_SOURCES:
         raise ConfigError(f"model.phrase_source must be one of {PHRASE_SOURCES}, got {cfg.phrase_source!r}")
     if cfg.head_dropout is not None and not 0.0 <= cfg.head_dropout < 1.0:
         raise ConfigError(f"model.head_dropout must be in [0, 1), got {cfg.head_dropout}")
-    if cfg.fusion_layers is not None:
+    for name, value in (("fusion_layers", cfg.fusion_layers), ("fusion_ffn", cfg.fusion_ffn)):
+        if value is None:
+            continue
         if cfg.init != "preset":
-            raise ConfigError(f"model.fusion_layers changes the architecture: it applies to model.init 'preset' "
-                              f"only, not {cfg.init!r} (a checkpoint keeps its own depth)")
-        if cfg.fusion_layers < 1:
-            raise ConfigError(f"model.fusion_layers must be at least 1, got {cfg.fusion_layers}")
+            raise ConfigError(f"model.{name} changes the architecture: it applies to model.init 'preset' "
+                              f"only, not {cfg.init!r} (a checkpoint keeps its own architecture)")
+        if value < 1:
+            raise ConfigError(f"model.{name} must be at least 1, got {value}")
     if cfg.init != "preset" and cfg.init_weights != "transformers":
         raise ConfigError(f"model.init_weights {cfg.init_weights!r} redraws random weights: it applies to "
                           f"model.init 'preset' only, not {cfg.init!r}")
@@ -112,13 +114,14 @@ def apply_head_options(model: InstructSam, cfg: ModelConfig) -> None:
 
 def preset_architecture(cfg: ModelConfig) -> InstructSamConfig:
     """The configuration of `cfg.preset` with the architecture options of `cfg` applied
-    (`fusion_layers`)."""
+    (`fusion_layers`, `fusion_ffn`)."""
     try:
         config = preset(cfg.preset)
     except ValueError as err:
         raise ConfigError(f"model.preset: {err}") from None
-    if cfg.fusion_layers is not None:
-        config.sam3.setdefault("detr_encoder_config", {})["num_layers"] = cfg.fusion_layers
+    for key, value in (("num_layers", cfg.fusion_layers), ("intermediate_size", cfg.fusion_ffn)):
+        if value is not None:
+            config.sam3.setdefault("detr_encoder_config", {})[key] = value
     return config
 
 

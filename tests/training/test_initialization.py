@@ -149,3 +149,22 @@ def test_fusion_layers_deepen_the_presets_fusion_encoder_and_its_checkpoints_kee
         build_start_model(ModelConfig(init="checkpoint", checkpoint=str(tmp_path / "deep"), fusion_layers=2))
     with pytest.raises(ConfigError, match="fusion_layers must be at least 1"):
         build_start_model(ModelConfig(init="preset", preset="tiny", fusion_layers=0))
+
+
+def test_fusion_ffn_widens_only_the_fusion_encoder_and_its_checkpoints_keep_the_width(tmp_path):
+    plain = build_start_model(ModelConfig(init="preset", preset="tiny", seed=1)).model
+    wide = build_start_model(ModelConfig(init="preset", preset="tiny", seed=1, fusion_ffn=96)).model
+    for layer in wide.grounding_model.detr_encoder.layers:
+        assert (layer.mlp.fc1.out_features, layer.mlp.fc2.in_features) == (96, 96)
+    assert plain.grounding_model.detr_encoder.layers[0].mlp.fc1.out_features != 96
+    # The decoder and every other part keep the preset's width: only the encoder's MLPs grow.
+    plain_sizes = {name: p.shape for name, p in plain.named_parameters()}
+    changed = {name for name, p in wide.named_parameters() if plain_sizes[name] != p.shape}
+    assert changed and all(name.startswith("grounding_model.detr_encoder.") and ".mlp.fc" in name for name in changed)
+    save_checkpoint(wide, build_start_model(ModelConfig(init="preset", preset="tiny")).tokenizer, tmp_path / "wide")
+    again = build_start_model(ModelConfig(init="checkpoint", checkpoint=str(tmp_path / "wide"))).model
+    assert again.grounding_model.detr_encoder.layers[0].mlp.fc1.out_features == 96
+    with pytest.raises(ConfigError, match="fusion_ffn changes the architecture"):
+        build_start_model(ModelConfig(init="checkpoint", checkpoint=str(tmp_path / "wide"), fusion_ffn=128))
+    with pytest.raises(ConfigError, match="fusion_ffn must be at least 1"):
+        build_start_model(ModelConfig(init="preset", preset="tiny", fusion_ffn=0))
