@@ -35,7 +35,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.event_handler import SubscriptionEventCallbacks
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import Executor, ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
@@ -490,6 +490,22 @@ def _msg_types():
     return InstanceSegmentation, Segment
 
 
+def spin_until_shutdown(executor: Executor) -> None:
+    """Spin `executor` until its context shuts down (Ctrl-C, `ros2 launch` stopping us).
+
+    rclpy's SIGINT handler shuts the context down from its own thread. If that lands
+    between the executor's check of the context and its wait, the executor raises
+    RCLError ("... the given context is not valid", from the wait set or its timer)
+    instead of returning: a known rclpy race (ros2/ros2cli#854), seen on Jazzy as a
+    traceback on a clean Ctrl-C. It is a shutdown only if the context is down; any other
+    error still propagates."""
+    try:
+        executor.spin()
+    except RuntimeError:  # rclpy's RCLError is a RuntimeError
+        if executor.context.ok():
+            raise
+
+
 def main(args: list[str] | None = None) -> int:
     """Entry point of `ros2 run instructsam_ros perception_node`."""
     rclpy.init(args=args)
@@ -506,7 +522,7 @@ def main(args: list[str] | None = None) -> int:
         # the node's own worker thread.
         executor = MultiThreadedExecutor(num_threads=2)
         executor.add_node(node)
-        executor.spin()
+        spin_until_shutdown(executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

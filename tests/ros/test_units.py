@@ -137,6 +137,48 @@ def test_warnings_are_rate_limited_per_category_in_a_bounded_table(ros):
         node.destroy_node()
 
 
+def test_a_shutdown_racing_the_executors_wait_ends_the_spin_and_other_errors_still_raise():
+    """Ctrl-C's shutdown can land between the executor's check of the context and its
+    wait: rclpy then raises RCLError from inside spin. The node's spin treats that as the
+    shutdown it is, and only that."""
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+
+    from instructsam_ros.perception_node import spin_until_shutdown
+
+    class RacedExecutor(MultiThreadedExecutor):
+        """The race's interleaving, forced: the context goes down after spin's own check."""
+
+        def spin(self) -> None:
+            self.context.shutdown()
+            self.spin_once(timeout_sec=0.1)
+
+    def raced() -> RacedExecutor:
+        context = rclpy.Context()
+        context.init()
+        executor = RacedExecutor(context=context)
+        executor.add_node(rclpy.create_node("race_probe", context=context))
+        return executor
+
+    with pytest.raises(RuntimeError, match="context is not valid"):
+        raced().spin()  # what rclpy raises, unhandled
+    executor = raced()
+    spin_until_shutdown(executor)  # returns: the context is down
+    assert not executor.context.ok()
+
+    class BrokenExecutor(MultiThreadedExecutor):
+        def spin(self) -> None:
+            raise RuntimeError("a callback failed")
+
+    context = rclpy.Context()
+    context.init()
+    try:
+        with pytest.raises(RuntimeError, match="a callback failed"):
+            spin_until_shutdown(BrokenExecutor(context=context))  # context up: not a shutdown
+    finally:
+        context.try_shutdown()
+
+
 def test_clean_instruction_strips_and_rejects_never_cuts():
     assert clean_instruction("  the red\n mug ", 100) == ("the red mug", [])
     with pytest.raises(InstructionTooLong, match="50 characters, more than the limit of 10 "
