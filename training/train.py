@@ -64,6 +64,10 @@ RESUMABLE_LOOP_KEYS = ("seed", "batch_size", "grad_accum", "max_steps", "epochs"
 # SAM3's parts whose dropout `model.head_dropout` sets (the decoder's config sets the scoring's too).
 HEAD_DROPOUT_PARTS = ("detr_encoder", "detr_decoder", "dot_product_scoring")
 
+# The architecture options (preset only): ModelConfig field -> the key of SAM3's
+# detr_encoder_config it sets.
+FUSION_ARCHITECTURE_OPTIONS = {"fusion_layers": "num_layers", "fusion_ffn": "intermediate_size"}
+
 
 def check_head_options(cfg: ModelConfig) -> None:
     """Refuse model options (the head options, the architecture options) that the start
@@ -74,7 +78,8 @@ def check_head_options(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.phrase_source must be one of {PHRASE_SOURCES}, got {cfg.phrase_source!r}")
     if cfg.head_dropout is not None and not 0.0 <= cfg.head_dropout < 1.0:
         raise ConfigError(f"model.head_dropout must be in [0, 1), got {cfg.head_dropout}")
-    for name, value in (("fusion_layers", cfg.fusion_layers), ("fusion_ffn", cfg.fusion_ffn)):
+    for name in FUSION_ARCHITECTURE_OPTIONS:
+        value = getattr(cfg, name)
         if value is None:
             continue
         if cfg.init != "preset":
@@ -114,14 +119,14 @@ def apply_head_options(model: InstructSam, cfg: ModelConfig) -> None:
 
 def preset_architecture(cfg: ModelConfig) -> InstructSamConfig:
     """The configuration of `cfg.preset` with the architecture options of `cfg` applied
-    (`fusion_layers`, `fusion_ffn`)."""
+    (`FUSION_ARCHITECTURE_OPTIONS`)."""
     try:
         config = preset(cfg.preset)
     except ValueError as err:
         raise ConfigError(f"model.preset: {err}") from None
-    for key, value in (("num_layers", cfg.fusion_layers), ("intermediate_size", cfg.fusion_ffn)):
-        if value is not None:
-            config.sam3.setdefault("detr_encoder_config", {})[key] = value
+    for name, key in FUSION_ARCHITECTURE_OPTIONS.items():
+        if getattr(cfg, name) is not None:
+            config.sam3.setdefault("detr_encoder_config", {})[key] = getattr(cfg, name)
     return config
 
 
