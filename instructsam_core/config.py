@@ -75,9 +75,10 @@ class InstructSamConfig:
     # tokens). True: they read those plus the image tokens the encoder started from (its
     # FPN level), before `fusion_output_norm`. Trained from scratch, the probes find the
     # fine colour lost in the encoder's output though its input holds it (docs/training.md,
-    # "A tenth round"); the second copy keeps it within the decoders' reach. In one run of
-    # the whole plan with it, the colours came apart ("A twelfth round"; a second run is
-    # pending). No parameters: a checkpoint trained with it must run with it.
+    # "A tenth round"); the second copy keeps it within the decoders' reach. Of two runs of
+    # the whole plan with it (other seeds), the colours came apart in the first and not in
+    # the second ("A thirteenth round"), so it is not in the shipped recipe. No parameters:
+    # a checkpoint trained with it must run with it.
     fusion_image_skip: bool = False
     # How cached generation lays out positions and the query block's mask:
     # "release": as the released inference code (1-D positions 0..L-1 for the whole prompt,
