@@ -69,6 +69,9 @@ class HeadOutput:
         layer_states: `(B, L, K, D)` every decoder layer's normalised query states (the
             last layer's are what the scoring and the mask decoder read): what training's
             slot-spread loss reads.
+        fusion_tokens: `(B, h*w, D)` the image tokens the DETR decoder reads (the fusion
+            encoder's output, with `fusion_image_skip` and `fusion_output_norm` applied):
+            what training's object-colour target reads.
     """
 
     mask_logits: torch.Tensor
@@ -78,12 +81,13 @@ class HeadOutput:
     layer_boxes: torch.Tensor | None = None
     semantic_logits: torch.Tensor | None = None
     layer_states: torch.Tensor | None = None
+    fusion_tokens: torch.Tensor | None = None
 
     def split(self, sizes: list[int]) -> list["HeadOutput"]:
         """Per-group outputs of a head run over several groups of rows (`sizes` rows each)."""
         parts = [torch.split(t, sizes) if t is not None else [None] * len(sizes)
                  for t in (self.mask_logits, self.logits, self.boxes, self.presence_logits, self.layer_boxes,
-                           self.semantic_logits, self.layer_states)]
+                           self.semantic_logits, self.layer_states, self.fusion_tokens)]
         return [HeadOutput(*fields) for fields in zip(*parts)]
 
     def scores(self) -> torch.Tensor:

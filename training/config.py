@@ -184,6 +184,13 @@ class LossConfig:
     # box noise scale.
     denoise: float = 0.0
     denoise_noise: float = 0.4
+    # Each object's colour from the image tokens pooled over it (training/object_colour.py;
+    # gRefCOCO data that training/tabletop.py wrote): its weight (0 = off, as in the
+    # release), which tokens ("fusion": what the DETR decoder reads, "image": the fusion
+    # encoder's input) and the prototype classifier's temperature.
+    object_colour: float = 0.0
+    object_colour_tokens: str = "fusion"
+    object_colour_temperature: float = 0.1
     # The release also trains the LLM to predict the [SEG] tokens; we leave them out of the
     # text loss (their embeddings are the query bank, never predicted at inference).
     text_on_queries: bool = False

@@ -33,6 +33,7 @@ from instructsam_core.tokens import TokenIds
 from training.config import DatasetSpec
 from training.datasets import GtLoader, Question, read_questions, resolve
 from training.eval.masks import DataError
+from training.object_colour import ObjectLabels, read_object_labels
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class TrainSample:
     instruction: str
     phrases: list[PhraseTarget]
     followups: list[Turn] = field(default_factory=list)
+    # The image's objects, where the dataset has them (`training.object_colour`): `(n,)`
+    # colour ids and `(n, H, W)` bool masks.
+    objects: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -77,32 +81,41 @@ class SampleSource:
     phrases: list[tuple[str, GtLoader | None]]
     error: str | None = None  # "reason: detail", known at read time (e.g. an empty expression)
     followups: list[Question] = field(default_factory=list)
+    objects: ObjectLabels | None = None  # the image's objects, where the dataset has them
 
 
-def read_dataset(spec: DatasetSpec, root: str | Path = "", max_turns: int = 1) -> list[SampleSource]:
+def read_dataset(spec: DatasetSpec, root: str | Path = "", max_turns: int = 1,
+                 objects: bool = False) -> list[SampleSource]:
     """The samples of one dataset of the mix: its questions, those about one image grouped
     into conversations of up to `max_turns` turns (1: one sample per question). Relative
-    paths of `spec` are below `root` when one is given."""
+    paths of `spec` are below `root` when one is given. `objects`: with each image's
+    objects (colours and masks, `training.object_colour`; gRefCOCO files that
+    `training.tabletop` wrote)."""
     if max_turns < 1:
         raise ValueError(f"data.max_turns must be at least 1, got {max_turns}")
     path = resolve(root, spec.path)
     data_root = resolve(root, spec.data_root) if spec.data_root else None
+    if objects and spec.kind != "grefcoco":
+        raise ValueError(f"{spec.path}: the object-colour target reads the objects of gRefCOCO files that "
+                         f"training.tabletop writes; a {spec.kind!r} dataset has none")
     questions = read_questions(spec.kind, path, data_root, spec.split)
+    labels = read_object_labels(path, data_root) if objects else {}
     name = Path(spec.path).name
     if max_turns == 1:
-        return [_source(name, [q]) for q in questions]
+        return [_source(name, [q], labels) for q in questions]
     by_image: dict[str, list[Question]] = {}
     for q in questions:
         by_image.setdefault(q.key, []).append(q)
-    return [_source(name, group[i:i + max_turns]) for group in by_image.values()
+    return [_source(name, group[i:i + max_turns], labels) for group in by_image.values()
             for i in range(0, len(group), max_turns)]
 
 
-def _source(name: str, turns: list[Question]) -> SampleSource:
+def _source(name: str, turns: list[Question], labels: dict[Path, ObjectLabels]) -> SampleSource:
     first = turns[0]
     sample_id = f"{name}:{first.question_id}" + (f"+{len(turns) - 1}" if len(turns) > 1 else "")
     return SampleSource(sample_id=sample_id, image=first.image, instruction=first.instruction,
-                        phrases=first.phrases, error=first.error, followups=turns[1:])
+                        phrases=first.phrases, error=first.error, followups=turns[1:],
+                        objects=labels.get(first.image))
 
 
 class SkipLog:
@@ -173,7 +186,13 @@ def load_sample(source: SampleSource, max_instances: int, skips: SkipLog) -> Tra
             turns.append(Turn(q.instruction, _load_phrases(q.phrases, shape, source.sample_id, max_instances, skips)))
         except DataError as err:
             _drop(q, str(err), skips)
-    return TrainSample(source.sample_id, image, source.instruction, phrases, turns)
+    objects = None
+    if source.objects is not None:
+        try:
+            objects = source.objects.load(shape)
+        except ValueError as err:
+            raise DataError(f"bad_mask: {err}") from err
+    return TrainSample(source.sample_id, image, source.instruction, phrases, turns, objects)
 
 
 def _drop(question: Question, error: str | None, skips: SkipLog) -> bool:
@@ -273,6 +292,8 @@ class Batch:
         vlm_pixels, grids: per sample, Qwen3-VL patches and their grid.
         sam_pixels: `(B, 3, S, S)` SAM3 inputs.
         targets: per phrase, in the order of the query blocks, `(N, m, m)` bool masks.
+        object_colours, object_masks: per sample, its image's objects (`training.object_colour`):
+            `(n,)` colour ids and `(n, m, m)` bool masks (n = 0 where its dataset has none).
     """
 
     input_ids: torch.Tensor
@@ -282,11 +303,14 @@ class Batch:
     grids: list[tuple[int, int, int]]
     sam_pixels: torch.Tensor
     targets: list[torch.Tensor]
+    object_colours: list[torch.Tensor] = field(default_factory=list)
+    object_masks: list[torch.Tensor] = field(default_factory=list)
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
                      [p.to(device) for p in self.vlm_pixels], self.grids, self.sam_pixels.to(device),
-                     [t.to(device) for t in self.targets])
+                     [t.to(device) for t in self.targets], [c.to(device) for c in self.object_colours],
+                     [m.to(device) for m in self.object_masks])
 
 
 def answer_ids(tokenizer, ids: TokenIds, phrases: list[str], num_queries: int) -> list[int]:
@@ -324,6 +348,7 @@ def collate(samples: list[TrainSample], tokenizer, ids: TokenIds, config: Instru
         return [IGNORE if (t == ids.seg and not text_on_queries) else t for t in answer]
 
     rows, labels, vlm_pixels, grids, sam, targets = [], [], [], [], [], []
+    object_colours, object_masks = [], []
     for sample in samples:
         vlm = preprocess_vlm(sample.image, min_pixels=config.vlm_min_pixels, max_pixels=config.vlm_max_pixels)
         prompt = build_prompt_ids(tokenizer, sample.instruction, vlm.num_tokens, ids)
@@ -341,6 +366,10 @@ def collate(samples: list[TrainSample], tokenizer, ids: TokenIds, config: Instru
         vlm_pixels.append(vlm.pixel_values)
         grids.append(vlm.grid_thw)
         sam.append(preprocess_sam(sample.image, config.sam_image_size))
+        colours, masks = sample.objects if sample.objects is not None else (
+            np.zeros(0, dtype=np.int64), np.zeros((0, *sample.image.shape[:2]), dtype=bool))
+        object_colours.append(torch.from_numpy(colours))
+        object_masks.append(resize_masks(masks, mask_size))
     length = max(len(r) for r in rows)
     pad = ids.eos[-1]
     input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
@@ -350,4 +379,5 @@ def collate(samples: list[TrainSample], tokenizer, ids: TokenIds, config: Instru
         input_ids[b, :len(row)] = torch.tensor(row)
         label_ids[b, :len(row)] = torch.tensor(row_labels)
         attention[b, :len(row)] = 1
-    return Batch(input_ids, attention, label_ids, vlm_pixels, grids, torch.cat(sam), targets)
+    return Batch(input_ids, attention, label_ids, vlm_pixels, grids, torch.cat(sam), targets, object_colours,
+                 object_masks)

@@ -49,7 +49,8 @@ def write_split(root: Path, name: str, seeds, kinds: tuple[str, ...] = INSTRUCTI
                 held_out: bool = False) -> Path:
     """Scenes of `seeds` and their expressions as `root/<name>.json` (gRefCOCO's format:
     per image `cat` (expressions), `masks` (RLE lists, [] = no target), plus our `kinds`
-    and `objects` (colour, kind, size of each object) for per-kind reports and checks);
+    and `objects` (colour, kind, size and RLE mask of each object) for per-kind reports,
+    checks and the object-colour target, `training.object_colour`);
     images under `root/coco/train2017/`. Deterministic: the same seeds give the same files."""
     root = Path(root)
     images = root / "coco" / "train2017"
@@ -69,7 +70,8 @@ def write_split(root: Path, name: str, seeds, kinds: tuple[str, ...] = INSTRUCTI
             "cat": [e.text for e in exprs],
             "masks": [[rle_encode(scene.objects[i].mask) for i in e.targets] for e in exprs],
             "kinds": [e.kind for e in exprs],
-            "objects": [{"colour": o.colour, "kind": o.kind, "size": o.size} for o in scene.objects],
+            "objects": [{"colour": o.colour, "kind": o.kind, "size": o.size, "mask": rle_encode(o.mask)}
+                        for o in scene.objects],
         })
     path = root / f"{name}.json"
     path.write_text(json.dumps(records), encoding="utf-8")

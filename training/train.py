@@ -49,6 +49,7 @@ from training.distributed import Processes
 from training.eval.readers import FormatError
 from training.initialization import INIT_SCHEMES, box_attention_prior, fan_in_init
 from training.losses import mask_losses, semantic_losses, slot_spread_loss, text_loss
+from training.object_colour import TOKEN_SOURCES, object_colour_loss
 from training.parameters import (GROUPS, apply_lora, detailed_counts, group_counts, merge_lora, parameter_groups,
                                  set_trainable)
 
@@ -128,6 +129,38 @@ def preset_architecture(cfg: ModelConfig) -> InstructSamConfig:
         if getattr(cfg, name) is not None:
             config.sam3.setdefault("detr_encoder_config", {})[key] = getattr(cfg, name)
     return config
+
+
+def check_object_colour(cfg: TrainConfig) -> None:
+    """The object-colour target's settings, before anything is read or built."""
+    loss = cfg.loss
+    if not loss.object_colour:
+        return
+    if loss.object_colour_tokens not in TOKEN_SOURCES:
+        raise ConfigError(f"loss.object_colour_tokens must be one of {TOKEN_SOURCES}, "
+                          f"got {loss.object_colour_tokens!r}")
+    if loss.object_colour_temperature <= 0:
+        raise ConfigError(f"loss.object_colour_temperature must be above 0, got {loss.object_colour_temperature}")
+    others = [d.path for d in cfg.data.train + cfg.data.val if d.kind != "grefcoco"]
+    if others:
+        raise ConfigError(f"loss.object_colour reads each image's objects from gRefCOCO files that "
+                          f"training/tabletop.py writes; these datasets are of another kind: {others}")
+
+
+def colour_tokens(out, sam, source: str) -> tuple[torch.Tensor, tuple[int, int], list[int]]:
+    """The image tokens the object-colour target reads, `(R, h*w, D)`, their grid, and the
+    batch row of each: "image", the fusion encoder's input (one per image); "fusion", what
+    the DETR decoder reads, from each image's first query block (later blocks of one image
+    see the same objects through other phrases, and would be their own positives)."""
+    level = sam.fpn_hidden_states[-2]  # the level the fusion encoder reads (the coarsest is dropped)
+    grid = tuple(level.shape[-2:])
+    if source == "image":
+        return level.flatten(2).transpose(1, 2), grid, list(range(level.shape[0]))
+    rows = out.blocks.batch_index.tolist()
+    first = {}
+    for block, row in enumerate(rows):
+        first.setdefault(row, block)
+    return out.head.fusion_tokens[list(first.values())], grid, list(first)
 
 
 def build_start_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> BuiltModel:
@@ -233,6 +266,12 @@ def forward_losses(model, batch: Batch, cfg: TrainConfig, amp_context) -> tuple[
     if loss_cfg.unmatched_mask:
         parts["unmatched_mask"] = masks.unmatched
         total = total + loss_cfg.unmatched_mask * parts["unmatched_mask"]
+    if loss_cfg.object_colour:
+        tokens, grid, rows = colour_tokens(out, sam, loss_cfg.object_colour_tokens)
+        parts["object_colour"], parts["object_colour_acc"] = object_colour_loss(
+            tokens, grid, [batch.object_colours[r] for r in rows], [batch.object_masks[r] for r in rows],
+            loss_cfg.object_colour_temperature)
+        total = total + loss_cfg.object_colour * parts["object_colour"]
     if loss_cfg.denoise:
         with amp_context:
             dn = denoising_losses(model, out, batch.input_ids, sam, batch.targets, loss_cfg.denoise_noise,
@@ -376,8 +415,12 @@ def train(cfg: TrainConfig) -> dict:
     seed_everything(loop.seed)
 
     # data: every process the same mix, each its own share of it
+    check_object_colour(cfg)
+    objects = bool(cfg.loss.object_colour)
+
     def mix(specs, repeats: bool):
-        return [(read_dataset(d, cfg.data.root, cfg.data.max_turns), d.repeat if repeats else 1) for d in specs]
+        return [(read_dataset(d, cfg.data.root, cfg.data.max_turns, objects), d.repeat if repeats else 1)
+                for d in specs]
 
     train_sampler = MixSampler(mix(cfg.data.train, True), loop.seed, cfg.data.shuffle, procs.rank, procs.world_size)
     val_sampler = (MixSampler(mix(cfg.data.val, False), loop.seed, False, procs.rank, procs.world_size)

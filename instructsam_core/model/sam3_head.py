@@ -213,4 +213,5 @@ def run_head(
                               prompt_features=prompt, prompt_mask=prompt_mask)
     return HeadOutput(mask_logits=masks.pred_masks, logits=logits, boxes=layer_boxes[:, -1],
                       presence_logits=presence_logits, layer_boxes=layer_boxes,
-                      semantic_logits=masks.semantic_seg[:, 0], layer_states=layer_states)
+                      semantic_logits=masks.semantic_seg[:, 0], layer_states=layer_states,
+                      fusion_tokens=image_tokens)

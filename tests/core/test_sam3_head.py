@@ -124,6 +124,9 @@ def test_fusion_output_norm_feeds_the_decoder_unit_scale_tokens():
         assert abs(float(plain_seen[name].std()) - 1.0) > 0.5, name
     assert not torch.allclose(plain.mask_logits, normed.mask_logits)
     assert normed.layer_states.shape == (2, len(sam3.detr_decoder.layers), 4, 32)
+    # the head hands out what the DETR decoder read (training's object-colour target reads it)
+    torch.testing.assert_close(normed.fusion_tokens, normed_seen["image"])
+    torch.testing.assert_close(plain.fusion_tokens, plain_seen["image"])
 
 
 def _keep_mask_decoder_tokens(sam3, seen: dict, key: str):
@@ -189,6 +192,7 @@ def test_the_fusion_image_skip_gives_both_decoders_the_encoders_input_beside_its
     torch.testing.assert_close(plain_seen["image"], encoded.last_hidden_state)
     torch.testing.assert_close(plain_mask_decoder, encoded.last_hidden_state)
     torch.testing.assert_close(skip_seen["image"], expected)  # the DETR decoder ...
+    torch.testing.assert_close(skipped.fusion_tokens, expected)  # (and what the head hands out)
     torch.testing.assert_close(seen["mask_decoder"], expected)  # ... and the mask decoder
     torch.testing.assert_close(skip_seen["prompt"], plain_seen["prompt"])  # the prompt tokens as before
     assert not torch.allclose(plain.mask_logits, skipped.mask_logits)
