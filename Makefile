@@ -69,13 +69,15 @@ test-core: setup-core
 
 # The shipped default model: synthetic data, both training stages, held-out evaluation,
 # model card, installed into instructsam_core/default_model (resumable: run it again to go
-# on). One torch thread, as the shipped model was trained, so the card's scores reproduce.
+# on). Two torch threads, as the shipped model was trained: the thread count changes the
+# order of float sums, and a run from scratch amplifies that, so the card's scores
+# are meant to reproduce at the same count.
 train-default: setup-core
-	$(PY) -m training.default_model --out runs/default_model --threads 1 --ship instructsam_core/default_model
+	$(PY) -m training.default_model --out runs/default_model --threads 2 --ship instructsam_core/default_model
 
 # A short pilot of the same (about 15 minutes): its learning curves in runs/default_model/pilot/model/curves.png.
 train-default-pilot: setup-core
-	$(PY) -m training.default_model --out runs/default_model --threads 1 --pilot
+	$(PY) -m training.default_model --out runs/default_model --threads 2 --pilot
 
 segment: setup-core
 	$(VENV)/bin/instructsam segment --instruction "the red mug" --out out/overlay.png

@@ -123,6 +123,8 @@ def write_model_card(model_dir: Path, record: dict) -> Path:
                 + (f"mask NMS at IoU {nms_iou}" if nms_iou is not None else "no mask NMS")
                 + (", its instruction template" if engine.get("instruction_template") else "")
                 + (",\nas its `engine_config.json` sets them; the untrained model runs with the same" if engine else ""))
+    skip = (" the decoders read the fusion\nencoder's image tokens plus its input (`fusion_image_skip`);"
+            if config.fusion_image_skip else "")
     text = f"""# instructsam default model (`small`, synthetic tabletop world)
 
 The model every instructsam entry point uses when no checkpoint is given
@@ -139,7 +141,7 @@ InstructSAM's architecture at small size, built from transformers' own
 `Qwen3VLForConditionalGeneration` and `Sam3Model` (the `small` preset of
 `instructsam_core.config`): LLM {text['hidden_size']} wide, {text['num_hidden_layers']} layers; Qwen3-VL
 vision {vision['depth']} blocks; SAM3 at {config.sam_image_size} px; K = {config.num_queries}
-query slots; the SAM3 prompt from the phrase's LLM hidden states; a
+query slots; the SAM3 prompt from the phrase's LLM hidden states;{skip} a
 word-level tokenizer of the world's vocabulary ({text['vocab_size']} rows). Weights in bf16
 ({weights / 1e6:.1f} MB), lm_head tied to the embeddings.
 
@@ -195,7 +197,8 @@ What this model was trained to reach on the held-out split, and what it reached:
 
 {targets_table(record)}
 
-Reproduce: `make train-default` (scores within 0.02); check the shipped weights:
+Reproduce: `make train-default` (its recipe, seeds and thread count; how close a rerun comes
+is in docs/training.md); check the shipped weights:
 `pytest tests/training/test_default_model.py` re-evaluates the instructions of the first
 {record['ci_scenes']} held-out scenes ({record['ci_subset']['n']} of them) and compares with
 `scores.json` (`ci_subset`) within 0.01.
